@@ -1,0 +1,362 @@
+"""Typed configuration: schema, recipe loading, overrides and validation.
+
+A recipe is a YAML file whose keys mirror the dataclasses below; it may name a `base:` recipe (a path relative
+to the recipe's own folder) whose values it overrides. Command-line `key=value` overrides come last. Everything
+is checked before any work starts: an unknown key, a value of the wrong type and a value out of range each raise
+`ConfigError` with one line that names the key, the value and what is allowed.
+
+The model and objective sections are family-specific: `family` picks their dataclasses from the registries in
+`pipeline.models` and `pipeline.objectives`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import ConfigError, require
+from pipeline.models import MODEL_CONFIGS
+from pipeline.objectives import OBJECTIVE_CONFIGS
+
+
+def _is_power_of_two(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+@dataclass
+class SynthConfig:
+    """The built-in procedurally drawn dataset, used when `data.url` is null."""
+
+    n: int = 2000
+    seed: int = 0
+
+    def validate(self, prefix: str) -> None:
+        require(self.n > 0, f"{prefix}.n", self.n, "must be a positive number of images")
+
+
+@dataclass
+class DataConfig:
+    url: str | None = None  # shard folder with manifest.json (any fsspec URL); null = built-in synthetic set
+    resolution: int = 256
+    batch_size: int = 32  # images per optimizer step, summed over all ranks
+    num_workers: int = 2
+    xflip: bool = False
+    cache_dir: str | None = None  # null = $GANPIPE_CACHE or ~/.cache/ganpipe
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def validate(self, prefix: str) -> None:
+        require(
+            _is_power_of_two(self.resolution) and self.resolution >= 8,
+            f"{prefix}.resolution",
+            self.resolution,
+            "must be a power of two >= 8 (e.g. 32, 256, 1024)",
+        )
+        require(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "must be a positive integer")
+        require(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
+        self.synth.validate(f"{prefix}.synth")
+
+    def resolved_cache_dir(self) -> str:
+        return self.cache_dir or os.environ.get("GANPIPE_CACHE") or os.path.expanduser("~/.cache/ganpipe")
+
+
+@dataclass
+class OptimConfig:
+    """Adam for G and D. The lazy-regularization correction of lr and betas is applied by the objective."""
+
+    g_lr: float = 0.002
+    d_lr: float = 0.002
+    betas: tuple[float, float] = (0.0, 0.99)
+    eps: float = 1e-8
+
+    def validate(self, prefix: str) -> None:
+        require(self.g_lr > 0, f"{prefix}.g_lr", self.g_lr, "must be > 0")
+        require(self.d_lr > 0, f"{prefix}.d_lr", self.d_lr, "must be > 0")
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{prefix}.betas",
+            list(self.betas),
+            "must be two numbers in [0, 1)",
+        )
+        require(self.eps > 0, f"{prefix}.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 25000
+    ema_kimg: float | None = None  # null = batch_size * 10 / 32, as in StyleGAN2-ADA
+    ema_rampup: float | None = 0.05  # EMA half-life is at most this fraction of the images shown so far
+    precision: Literal["32", "bf16-mixed"] = "32"
+    accelerator: str = "auto"
+    devices: int = 1
+    samples_every_kimg: float = 50
+    checkpoint_every_kimg: float = 50
+    keep_last: int = 3
+    log_every_kimg: float = 4
+    grid_rows: int = 4
+    grid_cols: int = 8
+    progress_bar: bool = True
+
+    @property
+    def total_nimg(self) -> int:
+        return round(self.total_kimg * 1000)
+
+    def validate(self, prefix: str) -> None:
+        require(self.total_kimg > 0, f"{prefix}.total_kimg", self.total_kimg, "must be > 0")
+        require(
+            self.ema_kimg is None or self.ema_kimg >= 0, f"{prefix}.ema_kimg", self.ema_kimg, "must be >= 0 or null"
+        )
+        require(
+            self.ema_rampup is None or self.ema_rampup > 0,
+            f"{prefix}.ema_rampup",
+            self.ema_rampup,
+            "must be > 0 or null",
+        )
+        require(self.devices >= 1, f"{prefix}.devices", self.devices, "must be >= 1")
+        for name in ("samples_every_kimg", "checkpoint_every_kimg", "log_every_kimg"):
+            value = getattr(self, name)
+            require(value > 0, f"{prefix}.{name}", value, "must be > 0")
+        require(self.keep_last >= 1, f"{prefix}.keep_last", self.keep_last, "must be >= 1")
+        require(self.grid_rows >= 1, f"{prefix}.grid_rows", self.grid_rows, "must be >= 1")
+        require(self.grid_cols >= 1, f"{prefix}.grid_cols", self.grid_cols, "must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    project: str | None = None  # set to log to Weights & Biases (WANDB_MODE=offline works without an account)
+    entity: str | None = None
+    name: str | None = None
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class LoggerConfig:
+    csv: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def validate(self, prefix: str) -> None:
+        self.wandb.validate(f"{prefix}.wandb")
+
+
+@dataclass
+class OpsConfig:
+    impl: Literal["auto", "ref", "triton"] = "auto"  # 'ref' forces the pure-PyTorch ops everywhere
+
+    def validate(self, prefix: str) -> None:
+        pass
+
+
+@dataclass
+class Config:
+    """One fully resolved experiment. `model` and `loss` hold the family's own dataclasses."""
+
+    family: str = "stylegan2"
+    run_dir: str = "runs/default"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None
+    loss: Any = None
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    ops: OpsConfig = field(default_factory=OpsConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate(f.name)
+        require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict of builtins (safe for JSON, YAML and `torch.load(weights_only=True)`)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@functools.cache
+def _schema(family: str) -> type[Config]:
+    """The Config dataclass with `model` and `loss` typed for one family (so OmegaConf can check them)."""
+    if family not in MODEL_CONFIGS:
+        close = difflib.get_close_matches(family, MODEL_CONFIGS, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"family={family!r} is unknown: choose one of {', '.join(sorted(MODEL_CONFIGS))}{hint}")
+    model_cls, loss_cls = MODEL_CONFIGS[family], OBJECTIVE_CONFIGS[family]
+    return dataclasses.make_dataclass(
+        "Config",
+        [
+            ("model", model_cls, field(default_factory=model_cls)),
+            ("loss", loss_cls, field(default_factory=loss_cls)),
+        ],
+        bases=(Config,),
+    )
+
+
+def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(schema):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys.extend(_valid_keys(default, f"{name}."))
+    return keys
+
+
+def _check_keys(node: Any, schema: Any, valid: list[str], prefix: str = "") -> None:
+    """Unknown keys are the most common recipe mistake: name the key and the closest valid ones."""
+    if not isinstance(node, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.6)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}{hint}")
+        f = fields[key]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{dotted}={value!r} is invalid: it is a section, give it as {dotted}.KEY=VALUE")
+            _check_keys(value, type(default), valid, f"{dotted}.")
+
+
+def _read_yaml(url: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(url, "r") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"recipe {url!r} does not exist: give the path of a YAML recipe, e.g. recipes/stylegan2/tiny.yaml"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {url!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {url!r} must be a mapping of keys to values, not {type(data).__name__}")
+    return data
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_recipe(url: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a recipe and its chain of `base:` recipes into one nested dict (child values win)."""
+    if url in _seen:
+        raise ConfigError(f"recipe {url!r} inherits from itself through 'base:' ({' -> '.join((*_seen, url))})")
+    data = _read_yaml(url)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"base={base!r} in {url!r} is invalid: give the path of another recipe")
+    base_url = base if "://" in base or os.path.isabs(base) else os.path.join(os.path.dirname(url), base)
+    return _deep_merge(load_recipe(base_url, (*_seen, url)), data)
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` style command-line overrides to a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is invalid: write it as KEY=VALUE, e.g. data.batch_size=32")
+        key, raw = item.split("=", 1)
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} has an empty key: write it as KEY=VALUE, e.g. data.batch_size=32")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
+    key = getattr(e, "full_key", None) or "config"
+    value = getattr(e, "value", None)
+    ref_type = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
+    msg = str(e).splitlines()[0]
+    if value is not None:
+        allowed = f"expected {getattr(ref_type, '__name__', ref_type)}" if ref_type else msg
+        return ConfigError(f"{key}={value!r} is invalid: {allowed} ({msg})")
+    return ConfigError(f"{key}: {msg}")
+
+
+def build_config(raw: dict[str, Any]) -> Config:
+    """Merge a nested dict onto the family's schema, check types and ranges, return the typed Config."""
+    family = raw.get("family", Config.family)
+    if not isinstance(family, str):
+        raise ConfigError(f"family={family!r} is invalid: give a family name such as 'stylegan2'")
+    schema = _schema(family)
+    _check_keys(raw, schema, _valid_keys(schema))
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
+    cfg.validate()
+    return cfg
+
+
+def load_config(recipe: str | None, overrides: list[str] | None = None) -> Config:
+    """The one way to get a Config: recipe (with its bases), then `key=value` overrides, then validation."""
+    raw = load_recipe(recipe) if recipe else {}
+    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. the copy stored in a checkpoint)."""
+    return build_config(data)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggerConfig",
+    "OpsConfig",
+    "OptimConfig",
+    "SynthConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "build_config",
+    "config_from_dict",
+    "load_config",
+    "load_recipe",
+    "parse_overrides",
+    "to_yaml",
+]

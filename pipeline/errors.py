@@ -1,0 +1,30 @@
+"""The exception types users see. Each message is one line naming the problem and the fix.
+
+The CLI turns any `GanpipeError` into that one line on stderr and exit code 2, with no traceback.
+"""
+
+
+class GanpipeError(Exception):
+    """Base of every user-facing ganpipe error."""
+
+
+class ConfigError(GanpipeError, ValueError):
+    """A recipe or override is invalid."""
+
+
+class DatasetError(GanpipeError, ValueError):
+    """A dataset URL, manifest or shard cannot be used."""
+
+
+class CheckpointError(GanpipeError, RuntimeError):
+    """A checkpoint is missing, corrupt, or does not fit the model."""
+
+
+class ExportError(GanpipeError, RuntimeError):
+    """An exported generator is missing, corrupt, or of an unknown format."""
+
+
+def require(ok: bool, key: str, value: object, allowed: str) -> None:
+    """Config validation: raise `ConfigError` naming the key, the value and what is allowed unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")

@@ -1,0 +1,577 @@
+"""StyleGAN2 networks (Karras et al., "Analyzing and Improving the Image Quality of StyleGAN", CVPR 2020).
+
+Generator = mapping (z, c -> w, broadcast to `num_ws` style vectors) + synthesis (a learned 4x4 constant, then one
+block per resolution of two modulated 3x3 convs with per-pixel noise, and a 1x1 toRGB). Discriminator = one
+block per resolution from `img_resolution` down to 8, then an epilogue at 4x4 with minibatch-stddev, a conv,
+two fully connected layers and, for conditional models, a projection onto an embedding of c.
+
+Module and parameter names follow NVIDIA's public StyleGAN2-ADA layout (`mapping.fc0.weight`,
+`synthesis.b4.conv1.affine.weight`, `b4.mbstd`, ...) so that official weights convert with a key map.
+Nothing here knows about training; the objective lives in `pipeline.objectives.stylegan2`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import require
+from pipeline.nn import (
+    DEFAULT_RESAMPLE_FILTER,
+    Conv2dLayer,
+    FullyConnectedLayer,
+    MinibatchStdLayer,
+    normalize_2nd_moment,
+)
+from pipeline.ops import ACTIVATIONS, bias_act, downsample2d, modulated_conv2d, setup_filter, upsample2d
+
+NoiseMode = Literal["random", "const", "none"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class MappingConfig:
+    num_layers: int = 8  # NVIDIA's `map`
+    lr_multiplier: float = 0.01
+    w_avg_beta: float = 0.995  # decay of the tracked average w used for truncation
+
+    def validate(self, prefix: str) -> None:
+        require(self.num_layers >= 1, f"{prefix}.num_layers", self.num_layers, "must be >= 1")
+        require(self.lr_multiplier > 0, f"{prefix}.lr_multiplier", self.lr_multiplier, "must be > 0")
+        require(0 <= self.w_avg_beta < 1, f"{prefix}.w_avg_beta", self.w_avg_beta, "must be in [0, 1)")
+
+
+@dataclass
+class SynthesisConfig:
+    architecture: Literal["orig", "skip", "resnet"] = "skip"
+    channel_base: int = 32768  # channels at resolution r = min(channel_base // r, channel_max)
+    channel_max: int = 512
+    conv_clamp: float | None = None  # clamp conv outputs to +-conv_clamp (256 with fp16 layers)
+
+    def validate(self, prefix: str) -> None:
+        require(self.channel_base >= 1, f"{prefix}.channel_base", self.channel_base, "must be >= 1")
+        require(self.channel_max >= 1, f"{prefix}.channel_max", self.channel_max, "must be >= 1")
+        require(self.conv_clamp is None or self.conv_clamp > 0, f"{prefix}.conv_clamp", self.conv_clamp, "must be > 0")
+
+
+@dataclass
+class DiscriminatorConfig:
+    architecture: Literal["orig", "skip", "resnet"] = "resnet"
+    channel_base: int = 32768
+    channel_max: int = 512
+    conv_clamp: float | None = None
+    mbstd_group_size: int = 4  # the batch per rank must be divisible by it
+    mbstd_num_channels: int = 1
+    cmap_dim: int | None = None  # dimension of the conditioning projection; null = channels at 4x4
+
+    def validate(self, prefix: str) -> None:
+        require(self.channel_base >= 1, f"{prefix}.channel_base", self.channel_base, "must be >= 1")
+        require(self.channel_max >= 1, f"{prefix}.channel_max", self.channel_max, "must be >= 1")
+        require(self.mbstd_group_size >= 1, f"{prefix}.mbstd_group_size", self.mbstd_group_size, "must be >= 1")
+        require(self.mbstd_num_channels >= 0, f"{prefix}.mbstd_num_channels", self.mbstd_num_channels, "must be >= 0")
+        require(self.conv_clamp is None or self.conv_clamp > 0, f"{prefix}.conv_clamp", self.conv_clamp, "must be > 0")
+
+
+@dataclass
+class StyleGAN2Config:
+    z_dim: int = 512
+    w_dim: int = 512
+    c_dim: int = 0  # number of classes for class-conditional training; 0 = unconditional
+    img_channels: int = 3
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+
+    def validate(self, prefix: str) -> None:
+        require(self.z_dim >= 1, f"{prefix}.z_dim", self.z_dim, "must be >= 1")
+        require(self.w_dim >= 1, f"{prefix}.w_dim", self.w_dim, "must be >= 1")
+        require(self.c_dim >= 0, f"{prefix}.c_dim", self.c_dim, "must be >= 0")
+        require(self.img_channels in (1, 3, 4), f"{prefix}.img_channels", self.img_channels, "must be 1, 3 or 4")
+        self.mapping.validate(f"{prefix}.mapping")
+        self.synthesis.validate(f"{prefix}.synthesis")
+        self.discriminator.validate(f"{prefix}.discriminator")
+
+
+def _channels(resolution: int, channel_base: int, channel_max: int) -> int:
+    return min(channel_base // resolution, channel_max)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator
+
+
+class MappingNetwork(nn.Module):
+    """z (and class c) -> w. With `num_ws`, w is broadcast to [N, num_ws, w_dim]; `w_avg` tracks E[w]."""
+
+    def __init__(
+        self,
+        z_dim: int,
+        c_dim: int,
+        w_dim: int,
+        num_ws: int | None,
+        num_layers: int = 8,
+        lr_multiplier: float = 0.01,
+        w_avg_beta: float | None = 0.995,
+        activation: str = "lrelu",
+    ) -> None:
+        super().__init__()
+        self.z_dim, self.c_dim, self.w_dim, self.num_ws = z_dim, c_dim, w_dim, num_ws
+        self.num_layers = num_layers
+        self.w_avg_beta = w_avg_beta
+        embed_features = w_dim if c_dim > 0 else 0
+        features = [z_dim + embed_features] + [w_dim] * num_layers
+        if c_dim > 0:
+            self.embed = FullyConnectedLayer(c_dim, embed_features)
+        for idx in range(num_layers):
+            layer = FullyConnectedLayer(
+                features[idx], features[idx + 1], activation=activation, lr_multiplier=lr_multiplier
+            )
+            setattr(self, f"fc{idx}", layer)
+        if num_ws is not None and w_avg_beta is not None:
+            self.register_buffer("w_avg", torch.zeros([w_dim]))
+
+    def forward(
+        self,
+        z: Tensor | None,
+        c: Tensor | None,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        update_emas: bool = False,
+    ) -> Tensor:
+        parts = []
+        if self.z_dim > 0:
+            assert z is not None and z.shape[1:] == (self.z_dim,), f"expected z of shape [N, {self.z_dim}]"
+            parts.append(normalize_2nd_moment(z.to(torch.float32)))
+        if self.c_dim > 0:
+            assert c is not None and c.shape[1:] == (self.c_dim,), f"expected c of shape [N, {self.c_dim}]"
+            parts.append(normalize_2nd_moment(self.embed(c.to(torch.float32))))
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        for idx in range(self.num_layers):
+            x = getattr(self, f"fc{idx}")(x)
+
+        if update_emas and self.num_ws is not None and self.w_avg_beta is not None:
+            self.w_avg.copy_(x.detach().mean(dim=0).lerp(self.w_avg, self.w_avg_beta))
+        if self.num_ws is None:
+            return x
+        x = x.unsqueeze(1).repeat([1, self.num_ws, 1])
+        if truncation_psi != 1:
+            # Truncation trick: pull w towards the average by psi (only the first `truncation_cutoff` layers).
+            cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
+            x = torch.cat([self.w_avg.lerp(x[:, :cutoff], truncation_psi), x[:, cutoff:]], dim=1)
+        return x
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (optionally 2x upsampling) + scaled per-pixel noise + bias + leaky ReLU."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        kernel_size: int = 3,
+        up: int = 1,
+        use_noise: bool = True,
+        activation: str = "lrelu",
+        resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.resolution = resolution
+        self.up = up
+        self.use_noise = use_noise
+        self.activation = activation
+        self.conv_clamp = conv_clamp
+        self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
+        self.padding = kernel_size // 2
+        self.act_gain = ACTIVATIONS[activation].def_gain
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        if use_noise:
+            self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+            self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+
+    def forward(
+        self, x: Tensor, w: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool = True, gain: float = 1.0
+    ) -> Tensor:
+        styles = self.affine(w)
+        noise = None
+        if self.use_noise and noise_mode == "random":
+            noise = (
+                torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device) * self.noise_strength
+            )
+        elif self.use_noise and noise_mode == "const":
+            noise = self.noise_const * self.noise_strength
+        x = modulated_conv2d(
+            x,
+            self.weight,
+            styles,
+            noise=noise,
+            up=self.up,
+            padding=self.padding,
+            resample_filter=self.resample_filter,
+            flip_weight=(self.up == 1),
+            fused_modconv=fused_modconv,
+        )
+        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
+        return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=clamp)
+
+
+class ToRGBLayer(nn.Module):
+    """Modulated 1x1 conv to image channels, without demodulation."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, w_dim: int, kernel_size: int = 1, conv_clamp: float | None = None
+    ) -> None:
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, kernel_size, kernel_size]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.weight_gain = 1 / math.sqrt(in_channels * kernel_size**2)
+
+    def forward(self, x: Tensor, w: Tensor, fused_modconv: bool = True) -> Tensor:
+        styles = self.affine(w) * self.weight_gain
+        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
+        return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the synthesis network: (const | conv0 up) -> conv1 -> toRGB, in orig/skip/resnet form."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        w_dim: int,
+        resolution: int,
+        img_channels: int,
+        is_last: bool,
+        architecture: str = "skip",
+        resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.resolution = resolution
+        self.is_last = is_last
+        self.architecture = architecture
+        self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
+        self.num_conv = 0
+        self.num_torgb = 0
+        layer_kwargs = dict(w_dim=w_dim, resolution=resolution, resample_filter=resample_filter, conv_clamp=conv_clamp)
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, up=2, **layer_kwargs)
+            self.num_conv += 1
+        self.conv1 = SynthesisLayer(out_channels, out_channels, **layer_kwargs)
+        self.num_conv += 1
+        if is_last or architecture == "skip":
+            self.torgb = ToRGBLayer(out_channels, img_channels, w_dim=w_dim, conv_clamp=conv_clamp)
+            self.num_torgb += 1
+        if in_channels != 0 and architecture == "resnet":
+            self.skip = Conv2dLayer(
+                in_channels, out_channels, kernel_size=1, bias=False, up=2, resample_filter=resample_filter
+            )
+
+    def forward(
+        self,
+        x: Tensor | None,
+        img: Tensor | None,
+        ws: Tensor,
+        noise_mode: NoiseMode = "random",
+        fused_modconv: bool | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        assert ws.shape[1] == self.num_conv + self.num_torgb, "wrong number of ws for this block"
+        w_iter = iter(ws.unbind(dim=1))
+        if fused_modconv is None:
+            # Grouped convs are faster for inference; per-sample scaling is cheaper to differentiate in training.
+            fused_modconv = not self.training
+        if self.in_channels == 0:
+            x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+        elif self.architecture == "resnet":
+            y = self.skip(x, gain=math.sqrt(0.5))
+            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv, gain=math.sqrt(0.5))
+            x = y + x
+        else:
+            x = self.conv0(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
+
+        if img is not None:
+            img = upsample2d(img, self.resample_filter)
+        if self.is_last or self.architecture == "skip":
+            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
+            img = img + y if img is not None else y
+        return x, img
+
+
+class SynthesisNetwork(nn.Module):
+    """ws [N, num_ws, w_dim] -> image [N, img_channels, R, R] in roughly [-1, 1]."""
+
+    def __init__(
+        self,
+        w_dim: int,
+        img_resolution: int,
+        img_channels: int,
+        architecture: str = "skip",
+        channel_base: int = 32768,
+        channel_max: int = 512,
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        assert img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0
+        self.w_dim = w_dim
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.block_resolutions = [2**i for i in range(2, int(np.log2(img_resolution)) + 1)]
+        self.num_ws = 0
+        for res in self.block_resolutions:
+            in_channels = _channels(res // 2, channel_base, channel_max) if res > 4 else 0
+            block = SynthesisBlock(
+                in_channels,
+                _channels(res, channel_base, channel_max),
+                w_dim=w_dim,
+                resolution=res,
+                img_channels=img_channels,
+                is_last=(res == img_resolution),
+                architecture=architecture,
+                conv_clamp=conv_clamp,
+            )
+            # A block's toRGB shares its w with the next block's first conv, so only the last toRGB adds a w.
+            self.num_ws += block.num_conv + (block.num_torgb if block.is_last else 0)
+            setattr(self, f"b{res}", block)
+
+    def forward(self, ws: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None) -> Tensor:
+        assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
+            f"expected ws [N, {self.num_ws}, {self.w_dim}]"
+        )
+        x = img = None
+        w_idx = 0
+        for res in self.block_resolutions:
+            block: SynthesisBlock = getattr(self, f"b{res}")
+            block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
+            w_idx += block.num_conv
+            x, img = block(x, img, block_ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
+        assert img is not None
+        return img
+
+
+class Generator(nn.Module):
+    """G(z, c) = synthesis(mapping(z, c)). Images are float in roughly [-1, 1]."""
+
+    def __init__(self, cfg: StyleGAN2Config, img_resolution: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.z_dim, self.c_dim, self.w_dim = cfg.z_dim, cfg.c_dim, cfg.w_dim
+        self.img_resolution = img_resolution
+        self.img_channels = cfg.img_channels
+        s = cfg.synthesis
+        self.synthesis = SynthesisNetwork(
+            cfg.w_dim,
+            img_resolution,
+            cfg.img_channels,
+            architecture=s.architecture,
+            channel_base=s.channel_base,
+            channel_max=s.channel_max,
+            conv_clamp=s.conv_clamp,
+        )
+        self.num_ws = self.synthesis.num_ws
+        m = cfg.mapping
+        self.mapping = MappingNetwork(
+            cfg.z_dim,
+            cfg.c_dim,
+            cfg.w_dim,
+            num_ws=self.num_ws,
+            num_layers=m.num_layers,
+            lr_multiplier=m.lr_multiplier,
+            w_avg_beta=m.w_avg_beta,
+        )
+
+    def forward(
+        self,
+        z: Tensor,
+        c: Tensor | None,
+        truncation_psi: float = 1.0,
+        truncation_cutoff: int | None = None,
+        update_emas: bool = False,
+        noise_mode: NoiseMode = "random",
+        fused_modconv: bool | None = None,
+    ) -> Tensor:
+        ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas=update_emas)
+        return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discriminator
+
+
+class DiscriminatorBlock(nn.Module):
+    """One resolution of D: (fromRGB) -> conv0 -> conv1 (2x down), in orig/skip/resnet form."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        tmp_channels: int,
+        out_channels: int,
+        resolution: int,
+        img_channels: int,
+        architecture: str = "resnet",
+        activation: str = "lrelu",
+        resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.resolution = resolution
+        self.architecture = architecture
+        self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
+        if in_channels == 0 or architecture == "skip":
+            self.fromrgb = Conv2dLayer(img_channels, tmp_channels, 1, activation=activation, conv_clamp=conv_clamp)
+        self.conv0 = Conv2dLayer(tmp_channels, tmp_channels, 3, activation=activation, conv_clamp=conv_clamp)
+        self.conv1 = Conv2dLayer(
+            tmp_channels,
+            out_channels,
+            3,
+            activation=activation,
+            down=2,
+            resample_filter=resample_filter,
+            conv_clamp=conv_clamp,
+        )
+        if architecture == "resnet":
+            self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
+
+    def forward(self, x: Tensor | None, img: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if self.in_channels == 0 or self.architecture == "skip":
+            assert img is not None
+            y = self.fromrgb(img)
+            x = x + y if x is not None else y
+            img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
+        assert x is not None
+        if self.architecture == "resnet":
+            y = self.skip(x, gain=math.sqrt(0.5))
+            x = self.conv0(x)
+            x = self.conv1(x, gain=math.sqrt(0.5))
+            x = y + x
+        else:
+            x = self.conv1(self.conv0(x))
+        return x, img
+
+
+class DiscriminatorEpilogue(nn.Module):
+    """4x4 head: (fromRGB) -> minibatch-std -> conv -> fc -> out, projected onto cmap when conditional."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        cmap_dim: int,
+        resolution: int,
+        img_channels: int,
+        architecture: str = "resnet",
+        mbstd_group_size: int = 4,
+        mbstd_num_channels: int = 1,
+        activation: str = "lrelu",
+        conv_clamp: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.cmap_dim = cmap_dim
+        self.architecture = architecture
+        if architecture == "skip":
+            self.fromrgb = Conv2dLayer(img_channels, in_channels, 1, activation=activation)
+        self.mbstd = MinibatchStdLayer(mbstd_group_size, mbstd_num_channels) if mbstd_num_channels > 0 else None
+        self.conv = Conv2dLayer(
+            in_channels + mbstd_num_channels, in_channels, 3, activation=activation, conv_clamp=conv_clamp
+        )
+        self.fc = FullyConnectedLayer(in_channels * resolution**2, in_channels, activation=activation)
+        self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
+
+    def forward(self, x: Tensor, img: Tensor | None, cmap: Tensor | None) -> Tensor:
+        if self.architecture == "skip":
+            assert img is not None
+            x = x + self.fromrgb(img)
+        if self.mbstd is not None:
+            x = self.mbstd(x)
+        x = self.conv(x)
+        x = self.fc(x.flatten(1))
+        x = self.out(x)
+        if self.cmap_dim > 0:
+            assert cmap is not None
+            # Projection discriminator (Miyato & Koyama 2018): score = <features, embed(c)> / sqrt(dim).
+            x = (x * cmap).sum(dim=1, keepdim=True) * (1 / math.sqrt(self.cmap_dim))
+        return x
+
+
+class Discriminator(nn.Module):
+    """D(img, c) -> one logit per image, [N, 1]."""
+
+    def __init__(self, cfg: StyleGAN2Config, img_resolution: int) -> None:
+        super().__init__()
+        d = cfg.discriminator
+        self.c_dim = cfg.c_dim
+        self.img_resolution = img_resolution
+        self.img_channels = cfg.img_channels
+        self.block_resolutions = [2**i for i in range(int(np.log2(img_resolution)), 2, -1)]
+        channels = {r: _channels(r, d.channel_base, d.channel_max) for r in [*self.block_resolutions, 4]}
+        cmap_dim = (d.cmap_dim if d.cmap_dim is not None else channels[4]) if cfg.c_dim > 0 else 0
+        for res in self.block_resolutions:
+            block = DiscriminatorBlock(
+                channels[res] if res < img_resolution else 0,
+                channels[res],
+                channels[res // 2],
+                resolution=res,
+                img_channels=cfg.img_channels,
+                architecture=d.architecture,
+                conv_clamp=d.conv_clamp,
+            )
+            setattr(self, f"b{res}", block)
+        if cfg.c_dim > 0:
+            self.mapping = MappingNetwork(
+                z_dim=0,
+                c_dim=cfg.c_dim,
+                w_dim=cmap_dim,
+                num_ws=None,
+                w_avg_beta=None,
+                lr_multiplier=cfg.mapping.lr_multiplier,
+            )
+        self.b4 = DiscriminatorEpilogue(
+            channels[4],
+            cmap_dim=cmap_dim,
+            resolution=4,
+            img_channels=cfg.img_channels,
+            architecture=d.architecture,
+            mbstd_group_size=d.mbstd_group_size,
+            mbstd_num_channels=d.mbstd_num_channels,
+            conv_clamp=d.conv_clamp,
+        )
+
+    def forward(self, img: Tensor, c: Tensor | None) -> Tensor:
+        expected = (self.img_channels, self.img_resolution, self.img_resolution)
+        assert img.ndim == 4 and img.shape[1:] == expected, f"expected images [N, {expected}], got {list(img.shape)}"
+        x = None
+        for res in self.block_resolutions:
+            x, img = getattr(self, f"b{res}")(x, img)
+        cmap = self.mapping(None, c) if self.c_dim > 0 else None
+        assert x is not None
+        return self.b4(x, img, cmap)
+
+
+def build_generator(cfg: StyleGAN2Config, img_resolution: int) -> Generator:
+    return Generator(cfg, img_resolution)
+
+
+def build_discriminator(cfg: StyleGAN2Config, img_resolution: int) -> Discriminator:
+    return Discriminator(cfg, img_resolution)

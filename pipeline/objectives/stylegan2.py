@@ -1,0 +1,146 @@
+"""StyleGAN2's objective: non-saturating logistic loss, lazy R1 on reals, lazy path-length regularization.
+
+Phases per step (Karras et al. 2020, Appendix B): Gmain every step; Greg every `g_reg_interval` steps on a
+batch shrunk by `pl_batch_shrink`; Dmain every step; Dreg (R1) every `d_reg_interval` steps. Lazy penalties are
+scaled by their interval, and the optimizers' lr and betas are corrected by interval / (interval + 1) (the
+engine asks `reg_interval`). Style mixing regularization feeds two latents to G with a random crossover layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pipeline.errors import require
+from pipeline.objectives.base import Net, Objective, Phase, PhaseInputs
+from pipeline.objectives.regularizers import PathLengthRegularizer, r1_penalty
+
+
+@dataclass
+class StyleGAN2LossConfig:
+    r1_gamma: float = 10.0  # R1 weight; the penalty is r1_gamma / 2 * ||grad||^2
+    d_reg_interval: int = 16  # 0 = no lazy regularization (R1 in every D step)
+    pl_weight: float = 2.0  # 0 disables path-length regularization
+    g_reg_interval: int = 4
+    pl_batch_shrink: int = 2
+    pl_decay: float = 0.01
+    style_mixing_prob: float = 0.9
+
+    def validate(self, prefix: str) -> None:
+        checks = [
+            (self.r1_gamma >= 0, "r1_gamma", self.r1_gamma, "must be >= 0"),
+            (self.d_reg_interval >= 0, "d_reg_interval", self.d_reg_interval, "must be >= 0"),
+            (self.pl_weight >= 0, "pl_weight", self.pl_weight, "must be >= 0"),
+            (self.g_reg_interval >= 0, "g_reg_interval", self.g_reg_interval, "must be >= 0"),
+            (self.pl_batch_shrink >= 1, "pl_batch_shrink", self.pl_batch_shrink, "must be >= 1"),
+            (0 < self.pl_decay <= 1, "pl_decay", self.pl_decay, "must be in (0, 1]"),
+            (0 <= self.style_mixing_prob <= 1, "style_mixing_prob", self.style_mixing_prob, "must be in [0, 1]"),
+        ]
+        for ok, key, value, allowed in checks:
+            require(ok, f"{prefix}.{key}", value, allowed)
+
+
+class StyleGAN2Objective(Objective):
+    def __init__(self, cfg: StyleGAN2LossConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.path_length = PathLengthRegularizer(cfg.pl_decay)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Schedule
+
+    def _lazy(self, weight: float, interval: int) -> int | None:
+        return interval if weight > 0 and interval > 0 else None
+
+    def reg_interval(self, net: Net) -> int | None:
+        if net == "G":
+            return self._lazy(self.cfg.pl_weight, self.cfg.g_reg_interval)
+        return self._lazy(self.cfg.r1_gamma, self.cfg.d_reg_interval)
+
+    def phases(self) -> list[Phase]:
+        phases = [Phase("Gmain", "G")]
+        g_interval = self.reg_interval("G")
+        if g_interval is not None:
+            phases.append(Phase("Greg", "G", g_interval))
+        d_interval = self.reg_interval("D")
+        if d_interval is not None or self.cfg.r1_gamma == 0:
+            phases.append(Phase("Dmain", "D"))
+            if d_interval is not None:
+                phases.append(Phase("Dreg", "D", d_interval))
+        else:
+            phases.append(Phase("Dboth", "D"))  # R1 every step, in the same backward as the main loss
+        return phases
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward passes
+
+    def run_G(self, G: nn.Module, z: Tensor, c: Tensor | None, update_emas: bool = False) -> tuple[Tensor, Tensor]:
+        ws = G.mapping(z, c, update_emas=update_emas)
+        if self.cfg.style_mixing_prob > 0:
+            # One crossover layer per batch; with probability 1 - p it is num_ws, i.e. no layer is swapped.
+            num_ws = ws.shape[1]
+            cutoff = torch.randint(1, num_ws, [], device=ws.device)
+            mix = torch.rand([], device=ws.device) < self.cfg.style_mixing_prob
+            cutoff = torch.where(mix, cutoff, torch.full_like(cutoff, num_ws))
+            ws_mix = G.mapping(torch.randn_like(z), c, update_emas=False)
+            layer = torch.arange(num_ws, device=ws.device)[None, :, None]
+            ws = torch.where(layer < cutoff, ws, ws_mix)
+        return G.synthesis(ws), ws
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Losses
+
+    def phase_loss(
+        self, phase: Phase, G: nn.Module, D: nn.Module, inputs: PhaseInputs
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        stats: dict[str, Tensor] = {}
+        gain = float(phase.interval)
+
+        if phase.name == "Gmain":
+            gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c)
+            gen_logits = D(gen_img, inputs.gen_c)
+            loss = F.softplus(-gen_logits).mean()  # -log(sigmoid(D(G(z))))
+            stats["Loss/scores/fake_G"] = gen_logits.detach().mean()
+            stats["Loss/G/loss"] = loss.detach()
+            return loss, stats
+
+        if phase.name == "Greg":
+            n = max(inputs.gen_z.shape[0] // self.cfg.pl_batch_shrink, 1)
+            gen_img, gen_ws = self.run_G(G, inputs.gen_z[:n], inputs.gen_c[:n] if inputs.gen_c is not None else None)
+            penalty, lengths = self.path_length(gen_img, gen_ws)
+            loss = penalty.mean() * self.cfg.pl_weight
+            stats["Loss/pl_penalty"] = penalty.detach().mean()
+            stats["Loss/pl_length"] = lengths.detach().mean()
+            stats["Loss/pl_mean"] = self.path_length.pl_mean.detach().clone()
+            # `gen_img[:, 0, 0, 0] * 0` ties the loss to every synthesis parameter so that a gradient all-reduce
+            # over G's parameters sees the same set on every rank.
+            return (gen_img[:, 0, 0, 0] * 0).sum() + loss * gain, stats
+
+        if phase.name in ("Dmain", "Dboth", "Dreg"):
+            loss = torch.zeros([], device=inputs.real_img.device)
+            if phase.name in ("Dmain", "Dboth"):
+                with torch.no_grad():
+                    gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c, update_emas=True)
+                gen_logits = D(gen_img, inputs.gen_c)
+                loss = loss + F.softplus(gen_logits).mean()  # -log(1 - sigmoid(D(G(z))))
+                stats["Loss/scores/fake"] = gen_logits.detach().mean()
+            real_img = inputs.real_img.detach().requires_grad_(phase.name != "Dmain")
+            real_logits = D(real_img, inputs.real_c)
+            if phase.name in ("Dmain", "Dboth"):
+                loss = loss + F.softplus(-real_logits).mean()  # -log(sigmoid(D(x)))
+                stats["Loss/scores/real"] = real_logits.detach().mean()
+                stats["Loss/D/loss"] = loss.detach()
+            if phase.name in ("Dreg", "Dboth"):
+                penalty = r1_penalty(real_img, real_logits)
+                stats["Loss/r1_penalty"] = penalty.detach().mean()
+                reg = penalty.mean() * (self.cfg.r1_gamma / 2)
+                if phase.name == "Dreg":
+                    # Zero-weighted logits keep D's output layer in the graph (same parameter set on every rank).
+                    return (real_logits * 0).sum() + reg * gain, stats
+                loss = loss + reg
+            return loss, stats
+
+        raise ValueError(f"StyleGAN2 objective has no phase {phase.name!r}")

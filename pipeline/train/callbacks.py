@@ -1,0 +1,105 @@
+"""Callbacks driven by images shown (kimg), not steps: periodic checkpoints and sample grids. Rank 0 writes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+
+from pipeline.imaging import save_image_grid
+from pipeline.train.checkpoint import checkpoint_dir, checkpoint_name, prune_checkpoints, save_checkpoint
+from pipeline.train.task import GANTask
+
+log = logging.getLogger(__name__)
+
+
+def crossed(prev_nimg: int, cur_nimg: int, every_kimg: float) -> bool:
+    """True when a multiple of `every_kimg` thousand images lies in (prev_nimg, cur_nimg]."""
+    every = max(round(every_kimg * 1000), 1)
+    return cur_nimg // every > prev_nimg // every
+
+
+class KimgCheckpoint(L.Callback):
+    """A checkpoint every `every_kimg` and at the end of training; keeps the newest `keep_last`."""
+
+    def __init__(self, run_dir: str, every_kimg: float, keep_last: int) -> None:
+        self.run_dir, self.every_kimg, self.keep_last = run_dir, every_kimg, keep_last
+        self._prev_nimg = 0
+        self._saved_nimg = -1
+
+    def on_train_start(self, trainer: L.Trainer, task: GANTask) -> None:
+        self._prev_nimg = self._saved_nimg = task.cur_nimg
+
+    def on_train_batch_end(self, trainer: L.Trainer, task: GANTask, *args: Any) -> None:
+        if crossed(self._prev_nimg, task.cur_nimg, self.every_kimg):
+            self.save(trainer, task)
+        self._prev_nimg = task.cur_nimg
+
+    def on_train_end(self, trainer: L.Trainer, task: GANTask) -> None:
+        if self._saved_nimg != task.cur_nimg:
+            self.save(trainer, task)
+
+    def save(self, trainer: L.Trainer, task: GANTask) -> None:
+        state = task.training_state()  # every rank: collectives inside must not deadlock
+        if trainer.is_global_zero:
+            url = f"{checkpoint_dir(self.run_dir)}/{checkpoint_name(task.cur_nimg)}"
+            save_checkpoint(state, url)
+            prune_checkpoints(self.run_dir, self.keep_last)
+            log.info("saved checkpoint %s (%.1f kimg)", url, task.cur_nimg / 1000)
+        self._saved_nimg = task.cur_nimg
+        trainer.strategy.barrier("checkpoint")
+
+
+class SampleGrid(L.Callback):
+    """Grids of G_ema samples from fixed latents (`samples/fakesNNNNNN.png`, kimg in the name) plus the reals."""
+
+    def __init__(self, run_dir: str, every_kimg: float, rows: int, cols: int, seed: int) -> None:
+        self.samples_dir = f"{run_dir.rstrip('/')}/samples"
+        self.every_kimg, self.rows, self.cols, self.seed = every_kimg, rows, cols, seed
+        self._prev_nimg = 0
+        self._written_nimg = -1
+        self._wrote_reals = False
+
+    def on_train_start(self, trainer: L.Trainer, task: GANTask) -> None:
+        self._prev_nimg = task.cur_nimg
+        if task.cur_nimg == 0:
+            self.write_fakes(trainer, task)
+
+    def on_train_batch_end(self, trainer: L.Trainer, task: GANTask, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self._wrote_reals and trainer.is_global_zero:
+            n = min(self.rows * self.cols, batch["image"].shape[0])
+            save_image_grid(batch["image"][:n].float() / 127.5 - 1, f"{self.samples_dir}/reals.png", self._grid(n))
+            self._wrote_reals = True
+        if crossed(self._prev_nimg, task.cur_nimg, self.every_kimg):
+            self.write_fakes(trainer, task)
+        self._prev_nimg = task.cur_nimg
+
+    def on_train_end(self, trainer: L.Trainer, task: GANTask) -> None:
+        if self._written_nimg != task.cur_nimg:
+            self.write_fakes(trainer, task)
+
+    def _grid(self, n: int) -> tuple[int, int]:
+        cols = min(self.cols, n)
+        return (n + cols - 1) // cols, cols
+
+    @torch.no_grad()
+    def write_fakes(self, trainer: L.Trainer, task: GANTask) -> None:
+        self._written_nimg = task.cur_nimg
+        if not trainer.is_global_zero:
+            return
+        n = self.rows * self.cols
+        # A private generator: sampling must not move the training RNG, or resume would not be exact.
+        gen = torch.Generator().manual_seed(self.seed)
+        z = torch.randn([n, task.z_dim], generator=gen).to(task.device)
+        c = task.labels_to_c(torch.arange(n, device=task.device) % max(task.c_dim, 1))
+        images = torch.cat([task.G_ema(z_, c_, noise_mode="const") for z_, c_ in _chunks(z, c, 16)])
+        url = f"{self.samples_dir}/fakes{task.cur_nimg // 1000:06d}.png"
+        save_image_grid(images, url, (self.rows, self.cols))
+        log.info("wrote sample grid %s", url)
+
+
+def _chunks(z: torch.Tensor, c: torch.Tensor | None, size: int):
+    for i in range(0, z.shape[0], size):
+        yield z[i : i + size], (c[i : i + size] if c is not None else None)

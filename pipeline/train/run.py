@@ -1,0 +1,201 @@
+"""The training entry point: config -> dataset -> GANTask + Lightning Trainer -> checkpoints, samples, logs.
+
+`train(cfg, resume=...)` is what `ganpipe train` calls. With `resume="auto"` it continues from the newest valid
+checkpoint in the run dir (or starts fresh when there is none); with a path it continues from that checkpoint.
+Training stops when `train.total_kimg` thousand images have been shown, so a resumed run can be extended by
+raising `total_kimg`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import lightning as L
+import torch
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+
+from pipeline.config import Config, to_yaml
+from pipeline.data import build_train_loader, ensure_synthetic_dataset, read_manifest
+from pipeline.errors import ConfigError
+from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
+from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
+from pipeline.train.task import GANTask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    checkpoint: str | None
+    kimg: float
+
+
+def dataset_url(cfg: Config) -> str:
+    """The configured shard URL, or the built-in synthetic dataset (created in the cache on first use)."""
+    d = cfg.data
+    if d.url:
+        return d.url
+    return ensure_synthetic_dataset(d.resolved_cache_dir(), n=d.synth.n, resolution=d.resolution, seed=d.synth.seed)
+
+
+def check_dataset_fits(cfg: Config, url: str) -> None:
+    """The dataset's resolution and classes must match the model before any work starts."""
+    manifest = read_manifest(url)
+    if manifest.resolution != cfg.data.resolution:
+        raise ConfigError(
+            f"data.resolution={cfg.data.resolution} but the dataset at {url!r} is {manifest.resolution}px: "
+            f"set data.resolution={manifest.resolution} or re-shard the data"
+        )
+    c_dim = getattr(cfg.model, "c_dim", 0)
+    if c_dim > 0 and (not manifest.has_labels or manifest.num_classes != c_dim):
+        classes = manifest.num_classes if manifest.has_labels else "no"
+        raise ConfigError(
+            f"model.c_dim={c_dim} but the dataset at {url!r} has {classes} classes: "
+            "set model.c_dim to match (0 = unconditional)"
+        )
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Serves each rank its slice of the global sample stream, starting where the checkpoint left off."""
+
+    def __init__(self, cfg: Config, url: str, start_nimg: int) -> None:
+        super().__init__()
+        self.cfg, self.url, self.start_nimg = cfg, url, start_nimg
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        d, world = self.cfg.data, self.trainer.world_size
+        if d.batch_size % world != 0:
+            raise ConfigError(
+                f"data.batch_size={d.batch_size} is not divisible by the {world} ranks: make it a multiple"
+            )
+        batch_per_rank = d.batch_size // world
+        steps = math.ceil(max(self.cfg.train.total_nimg - self.start_nimg, 0) / d.batch_size)
+        return build_train_loader(
+            self.url,
+            batch_size=batch_per_rank,
+            seed=self.cfg.seed,
+            start=self.start_nimg // world,
+            num_samples=steps * batch_per_rank,
+            xflip=d.xflip,
+            num_workers=d.num_workers,
+            rank=self.trainer.global_rank,
+            world_size=world,
+        )
+
+
+def _loggers(cfg: Config) -> list[Logger]:
+    loggers: list[Logger] = []
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=cfg.run_dir, name="logs", version=""))
+    w = cfg.logger.wandb
+    if w.project:
+        run_id = _wandb_run_id(cfg.run_dir)
+        loggers.append(
+            WandbLogger(
+                project=w.project, entity=w.entity, name=w.name, save_dir=cfg.run_dir, id=run_id, resume="allow"
+            )
+        )
+    return loggers
+
+
+def _wandb_run_id(run_dir: str) -> str:
+    """One wandb run per run dir: the id is stored beside the checkpoints so a resumed job continues it."""
+    import wandb
+
+    url = f"{run_dir.rstrip('/')}/wandb_run_id.txt"
+    fs, path = fsspec.core.url_to_fs(url)
+    if fs.exists(path):
+        return fs.cat_file(path).decode().strip()
+    run_id = wandb.util.generate_id()
+    fs.pipe_file(path, run_id.encode())
+    return run_id
+
+
+def _load_resume_state(cfg: Config, resume: str | None) -> tuple[str | None, dict[str, Any] | None]:
+    if resume is None:
+        if list_checkpoints(cfg.run_dir):
+            raise ConfigError(
+                f"run dir {cfg.run_dir!r} already has checkpoints: pass --resume auto to continue it, "
+                "or choose another run_dir=..."
+            )
+        return None, None
+    if resume == "auto":
+        found = find_latest_checkpoint(cfg.run_dir)
+        if found is None:
+            log.info("no checkpoint in %s: starting a new run", cfg.run_dir)
+            return None, None
+        return found
+    url = resolve_checkpoint(resume)
+    return url, load_checkpoint(url)
+
+
+def _check_compatible(cfg: Config, state: dict[str, Any], url: str) -> None:
+    saved = state.get("config", {})
+    for key in ("family", "model"):
+        if saved.get(key) != cfg.to_dict()[key]:
+            raise ConfigError(
+                f"checkpoint {url!r} was trained with a different {key!r}: resume with the recipe it was trained with"
+            )
+    if saved.get("data", {}).get("resolution") != cfg.data.resolution:
+        raise ConfigError(f"checkpoint {url!r} was trained at another data.resolution: use the same resolution")
+
+
+def build_trainer(cfg: Config, callbacks: list[L.Callback]) -> L.Trainer:
+    steps_per_log = max(1, round(cfg.train.log_every_kimg * 1000 / cfg.data.batch_size))
+    return L.Trainer(
+        accelerator=cfg.train.accelerator,
+        devices=cfg.train.devices,
+        precision=cfg.train.precision,
+        max_epochs=1,  # one pass over a finite stream sized to reach total_kimg
+        logger=_loggers(cfg) or False,
+        callbacks=callbacks,
+        enable_checkpointing=False,  # checkpoints are ours: atomic, kimg-based, weights_only-loadable
+        enable_progress_bar=cfg.train.progress_bar,
+        log_every_n_steps=steps_per_log,
+        use_distributed_sampler=False,  # the sampler already splits the stream across ranks
+        num_sanity_val_steps=0,
+        default_root_dir=cfg.run_dir,
+    )
+
+
+def train(cfg: Config, resume: str | None = None) -> TrainResult:
+    """Train `cfg` to `cfg.train.total_kimg`; see the module docstring for `resume`."""
+    if cfg.ops.impl != "auto":
+        os.environ["GANPIPE_OPS_IMPL"] = cfg.ops.impl  # read by every op; inherited by DataLoader workers
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    url = dataset_url(cfg)
+    check_dataset_fits(cfg, url)
+    ckpt_url, state = _load_resume_state(cfg, resume)
+
+    fs, run_path = fsspec.core.url_to_fs(cfg.run_dir)
+    fs.makedirs(run_path, exist_ok=True)
+    fs.pipe_file(f"{run_path}/config.yaml", to_yaml(cfg).encode())
+
+    task = GANTask(cfg)
+    if state is not None:
+        assert ckpt_url is not None
+        _check_compatible(cfg, state, ckpt_url)
+        task.load_training_state(state)
+        log.info("resuming from %s at %.1f kimg", ckpt_url, task.cur_nimg / 1000)
+
+    if task.cur_nimg >= cfg.train.total_nimg:
+        log.info(
+            "run already at %.1f kimg >= train.total_kimg=%s: nothing to do", task.cur_nimg / 1000, cfg.train.total_kimg
+        )
+        return TrainResult(cfg.run_dir, ckpt_url, task.cur_nimg / 1000)
+
+    t = cfg.train
+    callbacks: list[L.Callback] = [
+        KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last),
+        SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
+    ]
+    trainer = build_trainer(cfg, callbacks)
+    trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
+    checkpoints = list_checkpoints(cfg.run_dir)
+    return TrainResult(cfg.run_dir, checkpoints[-1] if checkpoints else None, task.cur_nimg / 1000)

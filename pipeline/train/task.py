@@ -1,0 +1,204 @@
+"""GANTask: the one training engine for every family (a LightningModule with manual optimization).
+
+Each training step runs the family objective's phases in order (e.g. Gmain, Greg, Dmain, Dreg). A phase draws
+fresh latents, computes its loss with only its own network trainable, backpropagates, sanitises non-finite
+gradients and steps its network's optimizer. After the phases, G_ema follows G. Progress is counted in images
+shown (`cur_nimg`, reported in kimg), not in Lightning's global_step, which counts optimizer steps.
+
+`training_state()` / `load_training_state()` hold everything needed to continue bit-for-bit: networks,
+optimizers, objective state, counters, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.config import Config
+from pipeline.models import get_family
+from pipeline.objectives import Phase, PhaseInputs, build_objective
+from pipeline.train.ema import ema_beta, update_ema
+
+
+def lazy_adam_hparams(
+    lr: float, betas: tuple[float, float], reg_interval: int | None
+) -> tuple[float, tuple[float, float]]:
+    """Adam lr/betas corrected for lazy regularization: the optimizer steps (k+1)/k as often per k batches."""
+    if reg_interval is None:
+        return lr, betas
+    ratio = reg_interval / (reg_interval + 1)
+    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
+
+
+class GANTask(L.LightningModule):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cfg = cfg
+        family = get_family(cfg.family)
+        self.G = family.build_generator(cfg.model, cfg.data.resolution)
+        self.D = family.build_discriminator(cfg.model, cfg.data.resolution)
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.objective = build_objective(cfg.family, cfg.loss)
+        self.phases: list[Phase] = self.objective.phases()
+        self.c_dim: int = cfg.model.c_dim
+        self.z_dim: int = cfg.model.z_dim
+
+        self.cur_nimg = 0  # images shown, summed over ranks
+        self.step_idx = 0  # training steps taken (drives the lazy-regularization schedule)
+        self._pending_optimizer_states: list[dict[str, Any]] | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        self._tick_time = time.perf_counter()
+        self._tick_nimg = 0
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Setup
+
+    @property
+    def world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    @property
+    def batch_per_rank(self) -> int:
+        return self.cfg.data.batch_size // self.world_size
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        o = self.cfg.optim
+        optimizers = []
+        for net, module, lr in (("G", self.G, o.g_lr), ("D", self.D, o.d_lr)):
+            lr, betas = lazy_adam_hparams(lr, tuple(o.betas), self.objective.reg_interval(net))
+            optimizers.append(torch.optim.Adam(module.parameters(), lr=lr, betas=betas, eps=o.eps))
+        return optimizers
+
+    def on_train_start(self) -> None:
+        if self._pending_optimizer_states is not None:
+            # The trainer's own optimizers, not the LightningOptimizer wrappers: loading into a wrapper would
+            # replace its copy of the state and leave the real optimizer's untouched.
+            for opt, state in zip(self.trainer.optimizers, self._pending_optimizer_states, strict=True):
+                opt.load_state_dict(state)
+            self._pending_optimizer_states = None
+        self._tick_time, self._tick_nimg = time.perf_counter(), self.cur_nimg
+
+    def _optimizers(self) -> list[torch.optim.Optimizer]:
+        opts = self.optimizers()
+        return list(opts) if isinstance(opts, (list, tuple)) else [opts]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training step
+
+    def labels_to_c(self, labels: Tensor) -> Tensor | None:
+        return F.one_hot(labels.long(), self.c_dim).float() if self.c_dim > 0 else None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self._pending_rng is not None:
+            # Restored here, not at load time: Lightning's setup between load and the first step must not shift it.
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
+        real_img = batch["image"].to(torch.float32) / 127.5 - 1  # uint8 travels to the GPU; convert there
+        real_c = self.labels_to_c(batch["label"])
+        n = real_img.shape[0]
+        opt_g, opt_d = self._optimizers()
+        stats: dict[str, Tensor] = {}
+
+        for phase in self.phases:
+            if self.step_idx % phase.interval != 0:
+                continue
+            gen_z = torch.randn([n, self.z_dim], device=self.device)
+            gen_c = real_c[torch.randperm(n, device=self.device)] if real_c is not None else None
+            opt = opt_g if phase.net == "G" else opt_d
+            self.toggle_optimizer(opt)
+            opt.zero_grad(set_to_none=True)
+            loss, phase_stats = self.objective.phase_loss(
+                phase, self.G, self.D, PhaseInputs(real_img, real_c, gen_z, gen_c)
+            )
+            self.manual_backward(loss)
+            params = self.G.parameters() if phase.net == "G" else self.D.parameters()
+            for p in params:
+                if p.grad is not None:
+                    # One bad batch must not poison Adam's moments (StyleGAN2-ADA does the same).
+                    torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+            opt.step()
+            self.untoggle_optimizer(opt)
+            stats.update(phase_stats)
+
+        global_batch = n * self.world_size
+        t = self.cfg.train
+        ema_kimg = t.ema_kimg if t.ema_kimg is not None else self.cfg.data.batch_size * 10 / 32
+        update_ema(self.G_ema, self.G, ema_beta(global_batch, ema_kimg, t.ema_rampup, self.cur_nimg))
+        self.cur_nimg += global_batch
+        self.step_idx += 1
+        self._log_step(stats)
+
+    def _log_step(self, stats: dict[str, Tensor]) -> None:
+        kimg = self.cur_nimg / 1000
+        self.log("kimg", kimg, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
+        for name, value in stats.items():
+            short = {"Loss/G/loss": "loss_G", "Loss/D/loss": "loss_D"}.get(name)
+            self.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
+            if short:
+                self.log(short, value, prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        if self.trainer is not None and self.step_idx % max(self.trainer.log_every_n_steps, 1) == 0:
+            now = time.perf_counter()
+            dt, dn = now - self._tick_time, self.cur_nimg - self._tick_nimg
+            if dt > 0 and dn > 0:
+                self.log("Timing/img_per_sec", dn / dt, on_step=True, on_epoch=False)
+                self.log("Timing/sec_per_kimg", dt / (dn / 1000), on_step=True, on_epoch=False)
+            self.log("Resources/peak_mem_gb", peak_memory_gb(self.device), on_step=True, on_epoch=False)
+            self._tick_time, self._tick_nimg = now, self.cur_nimg
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Exact resume
+
+    def training_state(self) -> dict[str, Any]:
+        """Everything a checkpoint holds (tensors and builtins only)."""
+        return {
+            "family": self.cfg.family,
+            "config": self.cfg.to_dict(),
+            "G": self.G.state_dict(),
+            "D": self.D.state_dict(),
+            "G_ema": self.G_ema.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.trainer.optimizers],
+            "counters": {"cur_nimg": self.cur_nimg, "step_idx": self.step_idx},
+            "data": {"samples_seen": self.cur_nimg, "seed": self.cfg.seed},
+            "rng": get_rng_state(),
+        }
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.G.load_state_dict(state["G"])
+        self.D.load_state_dict(state["D"])
+        self.G_ema.load_state_dict(state["G_ema"])
+        self.objective.load_state_dict(state["objective"])
+        self.cur_nimg = int(state["counters"]["cur_nimg"])
+        self.step_idx = int(state["counters"]["step_idx"])
+        self._pending_optimizer_states = state["optimizers"]
+        self._pending_rng = state["rng"]
+
+
+def get_rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak accelerator memory allocated, or this process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
