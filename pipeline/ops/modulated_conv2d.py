@@ -1,0 +1,124 @@
+"""StyleGAN2's modulated convolution (`modulated_conv2d`), NVlabs-compatible, split into replaceable parts.
+
+For sample n, output channel o, input channel i and kernel tap k, with styles s [N, I] and weight w [O, I, kh, kw]:
+
+    modulation:    w'[n,o,i,k] = w[o,i,k] * s[n,i]
+    demodulation:  d[n,o]      = rsqrt( sum_{i,k} w'[n,o,i,k]^2 + 1e-8 ) = rsqrt( sum_i s[n,i]^2 q[o,i] + 1e-8 ),
+                                 q[o,i] = sum_k w[o,i,k]^2
+    output:        y[n]        = conv2d_resample(x[n], w'[n] * d[n]) + noise
+
+Two equivalent schedules: fused (per-sample weights w' * d, batch folded into the groups of one grouped
+convolution) and non-fused (x * s, a shared convolution with w, then * d, + noise), which is cheaper when the
+batch is large relative to the channel count. With fp16 activations and demodulation, w and s are first
+scaled by 1 / (sqrt(I kh kw) max|w[o]|) and 1 / max|s[n]| so that intermediate fp16 sums cannot overflow;
+demodulation removes those scales again. `prenormalize_fp16`, `demodulation_coefficients` and
+`modulated_weight` are the parts a fused kernel replaces.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.ops._dispatch import resolve_impl
+from pipeline.ops.conv2d_resample import conv2d_resample
+from pipeline.ops.upfirdn2d import Padding
+
+DEMOD_EPS = 1e-8
+
+
+def prenormalize_fp16(weight: torch.Tensor, styles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale weight [O, I, kh, kw] by 1 / (sqrt(I kh kw) max_{i,k} |w[o]|) and styles [N, I] by 1 / max_i |s[n]|.
+
+    Used before demodulation with fp16 activations: demodulation cancels both scales, overflow is avoided.
+    """
+    _, in_channels, kh, kw = weight.shape
+    weight = weight * (1 / math.sqrt(in_channels * kh * kw) / weight.abs().amax(dim=(1, 2, 3), keepdim=True))
+    styles = styles / styles.abs().amax(dim=1, keepdim=True)
+    return weight, styles
+
+
+def demodulation_coefficients(weight: torch.Tensor, styles: torch.Tensor, eps: float = DEMOD_EPS) -> torch.Tensor:
+    """d[n, o] = rsqrt(sum_{i,k} (w[o,i,k] s[n,i])^2 + eps), computed as rsqrt(s^2 @ q^T + eps) without
+    materializing the per-sample weights. weight [O, I, kh, kw], styles [N, I] -> [N, O]."""
+    q = weight.square().sum(dim=(2, 3))  # [O, I]
+    return (styles.square() @ q.t() + eps).rsqrt()
+
+
+def modulated_weight(weight: torch.Tensor, styles: torch.Tensor, dcoefs: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weights w[o,i,k] * s[n,i] (* d[n,o] when dcoefs is given): [O,I,kh,kw], [N,I] -> [N,O,I,kh,kw]."""
+    w = weight.unsqueeze(0) * styles.reshape(styles.shape[0], 1, -1, 1, 1)
+    if dcoefs is not None:
+        w = w * dcoefs.reshape(dcoefs.shape[0], -1, 1, 1, 1)
+    return w
+
+
+def modulated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    styles: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    up: int = 1,
+    down: int = 1,
+    padding: Padding = 0,
+    resample_filter: torch.Tensor | None = None,
+    demodulate: bool = True,
+    flip_weight: bool = True,
+    fused_modconv: bool = True,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Modulated (and by default demodulated) convolution with optional up/downsampling and additive noise.
+
+    x [N, I, H, W], weight [O, I, kh, kw], styles [N, I], noise broadcastable to the output (e.g. [N, 1, H', W'])
+    or None. up/down/padding/resample_filter/flip_weight as in `conv2d_resample`. fused_modconv: one grouped
+    convolution with per-sample weights (True) or activation scaling around a shared convolution (False).
+    Returns [N, O, H', W'] in x's dtype.
+    """
+    assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, I, H, W] tensor"
+    assert isinstance(weight, torch.Tensor) and weight.ndim == 4, "weight must be a [O, I, kh, kw] tensor"
+    assert isinstance(styles, torch.Tensor) and styles.ndim == 2, "styles must be a [N, I] tensor"
+    batch_size = int(x.shape[0])
+    out_channels, in_channels, kh, kw = (int(s) for s in weight.shape)
+    assert x.shape[1] == in_channels, f"x has {x.shape[1]} channels, weight expects {in_channels}"
+    assert tuple(styles.shape) == (batch_size, in_channels), f"styles must be [{batch_size}, {in_channels}]"
+    impl = resolve_impl(impl, x)
+
+    if x.dtype == torch.float16 and demodulate:
+        weight, styles = prenormalize_fp16(weight, styles)
+    dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
+
+    if not fused_modconv:
+        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        x = conv2d_resample(
+            x,
+            weight.to(x.dtype),
+            f=resample_filter,
+            up=up,
+            down=down,
+            padding=padding,
+            flip_weight=flip_weight,
+            impl=impl,
+        )
+        if dcoefs is not None:
+            x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        if noise is not None:
+            x = x + noise.to(x.dtype)
+        return x
+
+    w = modulated_weight(weight, styles, dcoefs)  # [N, O, I, kh, kw]
+    y = conv2d_resample(
+        x.reshape(1, batch_size * in_channels, *x.shape[2:]),
+        w.reshape(batch_size * out_channels, in_channels, kh, kw).to(x.dtype),
+        f=resample_filter,
+        up=up,
+        down=down,
+        padding=padding,
+        groups=batch_size,
+        flip_weight=flip_weight,
+        impl=impl,
+    )
+    y = y.reshape(batch_size, out_channels, *y.shape[2:])
+    if noise is not None:
+        y = y + noise.to(y.dtype)
+    return y

@@ -1,0 +1,218 @@
+"""Upsample, FIR-filter, downsample a batch of 2-D images (`upfirdn2d`) and its helpers, NVlabs-compatible.
+
+For every channel of x [N, C, H, W], with integer factors up = (ux, uy), down = (dx, dy), padding
+(px0, px1, py0, py1) and filter f [fh, fw] (a 1-D filter g of t taps stands for the separable f = g g^T):
+
+    1. zero insertion:  u[i*uy, j*ux] = x[i, j], all other samples 0           -> [H*uy, W*ux]
+    2. pad / crop:      p = u padded by px0, px1, py0, py1 zeros (negative values crop)
+    3. FIR filter:      v[i, j] = sum_{a,b} p[i + a, j + b] * f'[a, b]          ("valid" positions only)
+                        where f' = flip(f) (true convolution with f) unless flip_filter (then correlation),
+                        scaled by gain ** (f.ndim / 2), so the overall signal gain is `gain` either way
+    4. downsample:      y[i, j] = v[i*dy, j*dx]
+
+    output size: H_out = (H*uy + py0 + py1 - fh) // dy + 1, W_out likewise.
+
+`setup_filter` prepares f (normalize to unit DC gain, separable or outer product, flip, gain); `filter2d`,
+`upsample2d`, `downsample2d` choose the padding that keeps the image centred and its size a multiple/fraction
+of the input. The reference is a composition of differentiable torch ops (pad, depthwise strided conv2d), so
+it supports gradients of any order with respect to x. The filter is a constant: it must not require grad.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.ops._dispatch import resolve_impl
+
+Scaling = int | Sequence[int]
+Padding = int | Sequence[int]
+
+
+def parse_scaling(scaling: Scaling) -> tuple[int, int]:
+    """Resampling factor as (x, y) from an int or an (x, y) pair; each >= 1."""
+    if isinstance(scaling, int):
+        scaling = (scaling, scaling)
+    assert isinstance(scaling, (list, tuple)) and len(scaling) == 2, f"expected int or (x, y), got {scaling!r}"
+    assert all(isinstance(s, int) and s >= 1 for s in scaling), f"factors must be ints >= 1, got {scaling!r}"
+    return scaling[0], scaling[1]
+
+
+def parse_padding(padding: Padding) -> tuple[int, int, int, int]:
+    """Padding as (x_before, x_after, y_before, y_after) from an int, an (x, y) pair or the 4-tuple itself."""
+    if isinstance(padding, int):
+        padding = (padding, padding)
+    assert isinstance(padding, (list, tuple)) and len(padding) in (2, 4), f"bad padding {padding!r}"
+    assert all(isinstance(p, int) for p in padding), f"padding must be ints, got {padding!r}"
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    return padding[0], padding[1], padding[2], padding[3]
+
+
+def filter_size(f: torch.Tensor | None) -> tuple[int, int]:
+    """(width, height) of a prepared filter: None is 1x1, a 1-D filter of t taps is t x t."""
+    if f is None:
+        return 1, 1
+    assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
+    fw, fh = int(f.shape[-1]), int(f.shape[0])
+    assert fw >= 1 and fh >= 1
+    return fw, fh
+
+
+def setup_filter(
+    f: torch.Tensor | Sequence | float | None,
+    device: torch.device = torch.device("cpu"),  # noqa: B008 - NVlabs' signature
+    normalize: bool = True,
+    flip_filter: bool = False,
+    gain: float = 1,
+    separable: bool | None = None,
+) -> torch.Tensor:
+    """Prepare a float32 FIR filter for `upfirdn2d`.
+
+    f: None (identity), a scalar (impulse), 1-D taps [t] or a 2-D filter [fh, fw]. A 1-D filter stays 1-D
+    (separable: applied along x, then along y) when `separable` is True, or when it is None and the filter has
+    at least 8 taps; otherwise it becomes the outer product g g^T. Then, in order: divide by the sum (if
+    `normalize`), flip along every axis (if `flip_filter`), multiply by gain ** (ndim / 2), so the separable
+    and the 2-D forms carry the same overall gain. Never modifies the caller's tensor.
+    """
+    if f is None:
+        f = 1
+    f = torch.as_tensor(f, dtype=torch.float32).clone()
+    assert f.ndim in (0, 1, 2) and f.numel() > 0, f"filter must be a scalar, 1-D or 2-D, got shape {list(f.shape)}"
+    if f.ndim == 0:
+        f = f.reshape(1)
+    if separable is None:
+        separable = f.ndim == 1 and f.numel() >= 8
+    if f.ndim == 1 and not separable:
+        f = torch.outer(f, f)
+    assert f.ndim == (1 if separable else 2), "a 2-D filter cannot be made separable"
+    if normalize:
+        f = f / f.sum()
+    if flip_filter:
+        f = f.flip(list(range(f.ndim)))
+    f = f * (gain ** (f.ndim / 2))
+    return f.to(device=device)
+
+
+def upfirdn2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: Scaling = 1,
+    down: Scaling = 1,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Zero-insertion upsample by `up`, pad by `padding`, FIR-filter with `f`, keep every `down`-th sample.
+
+    x: [N, C, H, W] (float16/32/64). f: prepared filter ([fh, fw], separable [t], or None = identity).
+    Padding is in upsampled pixels; negative values crop. flip_filter: False = convolution with f,
+    True = correlation. Output: [N, C, (H*uy + py0 + py1 - fh) // dy + 1, (W*ux + px0 + px1 - fw) // dx + 1].
+    """
+    assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, C, H, W] tensor"
+    resolve_impl(impl, x)
+    return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+
+
+def _upfirdn2d_ref(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: Scaling = 1,
+    down: Scaling = 1,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1,
+) -> torch.Tensor:
+    """Reference: zero insertion by reshape + pad, F.pad (crops when negative), depthwise conv2d whose stride
+    does the downsampling (only the kept outputs are computed)."""
+    if f is not None:
+        assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
+        assert f.is_floating_point() and not f.requires_grad, "filter must be a constant floating-point tensor"
+    n, c, h, w = x.shape
+    ux, uy = parse_scaling(up)
+    dx, dy = parse_scaling(down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    fw, fh = filter_size(f)
+    assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
+
+    # 1. Zero insertion: each sample is followed by (factor - 1) zeros along each axis.
+    if ux > 1 or uy > 1:
+        x = F.pad(x.reshape(n, c, h, 1, w, 1), [0, ux - 1, 0, 0, 0, uy - 1]).reshape(n, c, h * uy, w * ux)
+    # 2. Pad with zeros or crop (F.pad crops on negative amounts).
+    if px0 or px1 or py0 or py1:
+        x = F.pad(x, [px0, px1, py0, py1])
+
+    # 3 + 4. Filter and downsample.
+    if f is None:
+        x = x[:, :, : x.shape[2] - fh + 1 : dy, : x.shape[3] - fw + 1 : dx]
+        return x * gain if gain != 1 else x
+    k = f.to(x.dtype) * (gain ** (f.ndim / 2))
+    if not flip_filter:  # conv2d correlates, so a true convolution needs the flipped filter
+        k = k.flip(list(range(k.ndim)))
+    if k.ndim == 2:
+        return F.conv2d(x, k.expand(c, 1, fh, fw), stride=(dy, dx), groups=c)
+    x = F.conv2d(x, k.reshape(1, 1, 1, fw).expand(c, 1, 1, fw), stride=(1, dx), groups=c)
+    return F.conv2d(x, k.reshape(1, 1, fh, 1).expand(c, 1, fh, 1), stride=(dy, 1), groups=c)
+
+
+def filter2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """FIR-filter x with f, padded so the output has the input's size (plus `padding`, in output pixels).
+
+    The filter's centre is at index fw // 2 (fh // 2): padding fw // 2 before and (fw - 1) // 2 after.
+    """
+    px0, px1, py0, py1 = parse_padding(padding)
+    fw, fh = filter_size(f)
+    pad = [px0 + fw // 2, px1 + (fw - 1) // 2, py0 + fh // 2, py1 + (fh - 1) // 2]
+    return upfirdn2d(x, f, padding=pad, flip_filter=flip_filter, gain=gain, impl=impl)
+
+
+def upsample2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: Scaling = 2,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Upsample x by `up` with the interpolation filter f; output is [N, C, H*uy, W*ux] (plus `padding`).
+
+    Zero insertion divides the DC level by ux*uy, so the filter runs with gain * ux * uy; the padding
+    (fw + ux - 1) // 2 before and (fw - ux) // 2 after keeps the upsampled image centred.
+    """
+    ux, uy = parse_scaling(up)
+    px0, px1, py0, py1 = parse_padding(padding)
+    fw, fh = filter_size(f)
+    pad = [px0 + (fw + ux - 1) // 2, px1 + (fw - ux) // 2, py0 + (fh + uy - 1) // 2, py1 + (fh - uy) // 2]
+    return upfirdn2d(x, f, up=up, padding=pad, flip_filter=flip_filter, gain=gain * ux * uy, impl=impl)
+
+
+def downsample2d(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    down: Scaling = 2,
+    padding: Padding = 0,
+    flip_filter: bool = False,
+    gain: float = 1,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Low-pass x with f and keep every `down`-th sample; output is [N, C, H // dy, W // dx].
+
+    Padding (fw - dx + 1) // 2 before and (fw - dx) // 2 after keeps the downsampled image centred; the
+    user's `padding` is added to it, i.e. it counts input pixels (before downsampling).
+    """
+    dx, dy = parse_scaling(down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    fw, fh = filter_size(f)
+    pad = [px0 + (fw - dx + 1) // 2, px1 + (fw - dx) // 2, py0 + (fh - dy + 1) // 2, py1 + (fh - dy) // 2]
+    return upfirdn2d(x, f, down=down, padding=pad, flip_filter=flip_filter, gain=gain, impl=impl)
