@@ -14,7 +14,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.recipe, args.overrides)
     result = train(cfg, resume=args.resume)
-    print(f"run dir: {result.run_dir} ({result.kimg:.1f} kimg, last checkpoint: {result.checkpoint})")
+    print(f"run dir: {result.run_dir} ({result.kimg:.3f} kimg, last checkpoint: {result.checkpoint})")
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -30,6 +30,75 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
         args.out, n=args.n, resolution=args.resolution, seed=args.seed, samples_per_shard=args.samples_per_shard
     )
     print(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {args.out}")
+
+
+def _cmd_data_shards(args: argparse.Namespace) -> None:
+    from pipeline.data.ingest import ShardsOptions, write_shards
+
+    options = ShardsOptions(
+        resolution=args.resolution,
+        transform=args.transform,
+        image_format=args.format,
+        quality=args.quality,
+        shard_size=args.shard_size_mb << 20,
+        samples_per_shard=args.samples_per_shard,
+        workers=args.workers,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    report = write_shards(args.src, args.out, args.layout, options)
+    m = report.manifest
+    print(
+        f"wrote {m.num_samples} images in {len(m.shards)} shards to {args.out} "
+        f"({len(report.written)} written, {len(report.kept)} already complete, {len(report.skipped)} unreadable "
+        "sources skipped: see report.json)"
+    )
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.data.inspect import inspect_dataset
+
+    print(json.dumps(inspect_dataset(args.url, num_workers=args.workers), indent=1))
+
+
+def _cmd_bench_data(args: argparse.Namespace) -> None:
+    from pipeline.data.bench import main as bench_data
+
+    bench_data(args=args)
+
+
+def _eval_changes(args: argparse.Namespace) -> dict:
+    return {
+        "extractor": args.extractor,
+        "inception_weights": args.inception_weights,
+        "resize": args.resize,
+        "batch_size": args.batch_size,
+        "num_workers": args.workers,
+        "seed": args.seed,
+        "cache_url": args.cache,
+    }
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from pipeline.errors import ConfigError
+    from pipeline.metrics.run import build_stats, evaluate_source
+
+    metrics = args.metrics.split(",") if args.metrics else None
+    if args.target == "stats":
+        if not args.data_url:
+            raise ConfigError("ganpipe eval stats needs the dataset: ganpipe eval stats DATA_URL (a shard folder)")
+        done = build_stats(args.data_url, metrics=metrics or ["fid50k_full"], changes=_eval_changes(args),
+                           device=args.device, progress=not args.no_progress)  # fmt: skip
+        for entry in done:
+            print(json.dumps(entry))
+        return
+    record = evaluate_source(args.target, metrics=metrics, data_url=args.data, changes=_eval_changes(args),
+                             device=args.device, jsonl=args.jsonl, progress=not args.no_progress)  # fmt: skip
+    print(json.dumps(record, indent=1))
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -86,6 +155,55 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--samples-per-shard", type=int, default=1000)
     s.set_defaults(func=_cmd_data_synth)
+    s = data_sub.add_parser("shards", help="write images (folder, classes, captions, nvlabs-zip) as WebDataset shards")
+    s.add_argument("src", help="source folder, caption table (.csv/.tsv/.parquet) or dataset_tool zip (any fsspec URL)")
+    s.add_argument("--out", required=True, help="output folder (any fsspec URL)")
+    s.add_argument("--layout", choices=["folder", "classes", "captions", "nvlabs-zip"], default="folder")
+    s.add_argument("--resolution", type=int, required=True, help="output images are RESOLUTION x RESOLUTION")
+    s.add_argument("--transform", choices=["center-crop", "resize"], default="center-crop")
+    s.add_argument("--format", choices=["jpg", "png", "webp"], default="jpg")
+    s.add_argument("--quality", type=int, default=90, help="jpg/webp quality (default 90)")
+    s.add_argument("--shard-size-mb", type=int, default=256, help="target shard size (default 256 MiB)")
+    s.add_argument("--samples-per-shard", type=int, default=None, help="fixed count instead of --shard-size-mb")
+    s.add_argument("--workers", type=int, default=1, help="encoding processes")
+    s.add_argument("--seed", type=int, default=0, help="seed of the shuffle into shards")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(func=_cmd_data_shards)
+    s = data_sub.add_parser("inspect", help="read every sample once and print a JSON summary")
+    s.add_argument("url", help="dataset folder, manifest.json, or shard URLs with {000000..000123} braces")
+    s.add_argument("--workers", type=int, default=0, help="reader processes")
+    s.set_defaults(func=_cmd_data_inspect)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
+    s = bench_sub.add_parser("data", help="streaming loader vs bare tar-read + decode loop (img/s, ratio)")
+    s.add_argument("--n", type=int, default=4000, help="images to write and read")
+    s.add_argument("--resolution", type=int, default=256)
+    s.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    s.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best counts")
+    s.set_defaults(func=_cmd_bench_data)
+
+    p = sub.add_parser(
+        "eval",
+        help="metrics of a run dir / checkpoint / export (FID, KID, IS, PR); 'eval stats DATA_URL' caches the reals",
+    )
+    p.add_argument("target", help="run dir, checkpoint or export folder; or 'stats' to build reference statistics")
+    p.add_argument("data_url", nargs="?", help="with 'stats': the dataset (shard folder, any fsspec URL)")
+    p.add_argument("--metrics", help="comma-separated, e.g. fid50k_full,kid50k_full (default: the run's eval.metrics)")
+    p.add_argument("--data", help="real images to compare with (default: the data the run trained on)")
+    p.add_argument("--extractor", choices=["inception", "small"], help="default inception")
+    p.add_argument("--inception-weights", help="path or URL of the FID Inception-v3 weights (copied into the cache)")
+    p.add_argument("--resize", choices=["clean", "legacy"], help="clean (PIL bicubic, default) or legacy (TF1)")
+    p.add_argument("--batch-size", type=int, help="images per batch per rank (default 64)")
+    p.add_argument("--workers", type=int, help="data-loading processes per rank")
+    p.add_argument("--seed", type=int, help="latent seed of the generated images (default 0)")
+    p.add_argument("--cache", help="reference statistics cache URL (default <cache>/metrics)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
+    p.add_argument("--jsonl", help="also append the result as one JSON line to this file (e.g. RUN_DIR/metrics.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("export", help="export G_ema of a checkpoint or run dir as safetensors + JSON")
     p.add_argument("source", help="checkpoint file or run dir (its newest valid checkpoint)")

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.errors import ConfigError, require
+from pipeline.metrics.config import EvalConfig
 from pipeline.models import MODEL_CONFIGS
 from pipeline.objectives import OBJECTIVE_CONFIGS
 
@@ -170,6 +171,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -347,6 +349,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataConfig",
+    "EvalConfig",
     "LoggerConfig",
     "OpsConfig",
     "OptimConfig",

@@ -24,6 +24,7 @@ FAST_OVERRIDES = [
     "model.discriminator.channel_max=16",
     "train.progress_bar=false",
     "logger.csv=false",
+    "eval.metrics=[]",
 ]
 
 

@@ -1,6 +1,9 @@
-"""Datasets: WebDataset shards + manifest on any fsspec URL, the built-in synthetic set, and a resumable loader."""
+"""Datasets: WebDataset shards + manifest on any fsspec URL, writing them from image folders, the built-in
+synthetic set, the streaming loader that training and evaluation read through, and random access for small data.
+"""
 
-from pipeline.data.loader import InfiniteSampler, ShardDataset, build_train_loader, collate
+from pipeline.data.codec import ImageDecodeError, decode_array, encode_image
+from pipeline.data.loader import ShardDataset, decode_image
 from pipeline.data.shards import (
     FORMAT_VERSION,
     Manifest,
@@ -9,6 +12,20 @@ from pipeline.data.shards import (
     read_manifest,
     verify_shards,
     write_manifest,
+)
+from pipeline.data.stream import (
+    BAD_KINDS,
+    OnceReader,
+    ShardSource,
+    SlotReport,
+    StreamDataset,
+    StreamMonitor,
+    StreamOptions,
+    StreamState,
+    StreamStats,
+    build_train_stream,
+    open_source,
+    read_once,
 )
 from pipeline.data.synth import (
     KINDS,
@@ -21,19 +38,32 @@ from pipeline.data.synth import (
 from pipeline.errors import DatasetError
 
 __all__ = [
+    "BAD_KINDS",
     "FORMAT_VERSION",
     "KINDS",
     "DatasetError",
-    "InfiniteSampler",
+    "ImageDecodeError",
     "Manifest",
+    "OnceReader",
     "ShapeSpec",
     "ShardDataset",
     "ShardInfo",
+    "ShardSource",
     "ShardWriter",
-    "build_train_loader",
-    "collate",
+    "SlotReport",
+    "StreamDataset",
+    "StreamMonitor",
+    "StreamOptions",
+    "StreamState",
+    "StreamStats",
+    "build_train_stream",
+    "decode_array",
+    "decode_image",
+    "encode_image",
     "ensure_synthetic_dataset",
+    "open_source",
     "read_manifest",
+    "read_once",
     "synthetic_dataset_url",
     "synthetic_sample",
     "verify_shards",

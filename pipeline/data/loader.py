@@ -1,24 +1,18 @@
-"""A small, exactly resumable loader for shard datasets (random access by tar offsets).
+"""Random access to the samples of a shard dataset: `ShardDataset(url)[i]`.
 
-- `ShardDataset(url)` indexes every tar member once (offsets from `tarfile`, through fsspec) and then reads
-  one sample with a single seek + read. File handles are opened lazily in the process that reads, so the
-  dataset pickles cheaply into DataLoader workers.
-- `InfiniteSampler` defines the global sample stream: epoch e is a permutation of all samples drawn from
-  (seed, e); rank r of W takes stream positions r, r + W, r + 2W, ... Its state is one integer, `start`
-  (samples this rank has consumed), so resuming means building a sampler with the saved count.
-- `build_train_loader` wires both into a DataLoader that never touches torch's global RNG.
-
-Contract: the samples a rank sees depend only on (dataset, seed, rank, world_size, position); batch i
-after resuming at `start=k` equals batch i + k/batch_size of an uninterrupted run.
+Training does not read through this module: it streams (`pipeline.data.stream`), which needs no index and
+works at any scale. This reader exists for what a stream cannot do: looking at sample i (tests, debugging,
+notebooks, fixed reference sets on small data). It indexes every tar member once (offsets from `tarfile`,
+through fsspec, which reads every header: fine for thousands of samples, slow for millions on object stores)
+and then reads one sample with a single seek + read. File handles are opened lazily in the process that reads,
+so the dataset pickles cheaply into DataLoader workers. It decodes with the stream's decoder (`codec`).
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -26,29 +20,19 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
+from pipeline.data.codec import PIL_MODES, decode_array
 from pipeline.data.shards import Manifest, dataset_root, read_manifest
 from pipeline.errors import DatasetError
 
 # Open shard files kept per process: enough for random access over many shards without running out of fds.
 _MAX_OPEN_FILES = 64
-_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """Encoded image -> uint8 [C, H, W] with `channels` channels.
-
-    PIL, not torchvision.io: torchvision's decoder is about 1.7x faster (20 vs 36 us for a 32px PNG, 214 vs 340 us
-    at 256px) but deprecated since torchvision 0.29 with a warning on every call, and slated for removal.
-    """
-    with Image.open(io.BytesIO(data)) as im:
-        mode = _PIL_MODES[channels]
-        array = np.array(im if im.mode == mode else im.convert(mode))  # a writable copy torch can own
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1)  # a strided view; collate's stack makes batches contiguous
+    """Encoded image -> uint8 [C, H, W] with `channels` channels; raises `codec.ImageDecodeError`."""
+    return torch.from_numpy(np.ascontiguousarray(decode_array(data, channels).transpose(2, 0, 1)))
 
 
 @dataclass
@@ -113,7 +97,7 @@ class ShardDataset(Dataset):
         self.url = dataset_root(url)
         self.manifest: Manifest = read_manifest(self.url)
         m = self.manifest
-        if m.channels not in _PIL_MODES:
+        if m.channels not in PIL_MODES:
             raise DatasetError(f"dataset {self.url!r} has channels={m.channels}; supported: 1, 3 or 4")
         self.shard_urls = [f"{self.url}/{s.name}" for s in m.shards]
         # Indexing is latency-bound on object stores (a header read per member), so shards are read in parallel.
@@ -198,111 +182,3 @@ class ShardDataset(Dataset):
             "caption": caption,
             "key": self._keys[index],
         }
-
-
-class InfiniteSampler(Sampler[tuple[int, bool]]):
-    """Yields this rank's `(index, xflip)` pairs from the global stream, starting after `start` samples.
-
-    The global stream is epoch 0, epoch 1, ... where epoch e is `np.random.default_rng([seed, e, 0])`'s
-    permutation of range(num_samples). Rank r's i-th sample is global position r + i * world_size. With
-    `xflip`, position p is mirrored when bit p % num_samples of `default_rng([seed, e, 1])` is set.
-    `length=None` means endless (`len()` then raises TypeError). Uses numpy generators only, never torch's RNG.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        start: int = 0,
-        length: int | None = None,
-        xflip: bool = False,
-    ) -> None:
-        if num_samples <= 0:
-            raise ValueError(f"num_samples={num_samples} must be positive")
-        if seed < 0:
-            raise ValueError(f"seed={seed} must be non-negative")
-        if world_size <= 0 or not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
-        if start < 0 or (length is not None and length < 0):
-            raise ValueError(f"start={start} and length={length} must be non-negative")
-        self.num_samples, self.seed = num_samples, seed
-        self.rank, self.world_size = rank, world_size
-        self.start, self.length, self.xflip = start, length, xflip
-
-    def __len__(self) -> int:
-        if self.length is None:
-            raise TypeError("an endless InfiniteSampler has no length; pass length=...")
-        return self.length
-
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permutation, xflip bits) of epoch e of the global stream."""
-        perm = np.random.default_rng([self.seed, e, 0]).permutation(self.num_samples)
-        if self.xflip:
-            flips = np.random.default_rng([self.seed, e, 1]).integers(0, 2, size=self.num_samples, dtype=np.uint8)
-        else:
-            flips = np.zeros(self.num_samples, dtype=np.uint8)
-        return perm, flips
-
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
-        n, w = self.num_samples, self.world_size
-        i = self.start
-        end = None if self.length is None else self.start + self.length
-        cached_epoch, perm, flips = -1, np.empty(0), np.empty(0)
-        while end is None or i < end:
-            pos = self.rank + i * w
-            e, off = divmod(pos, n)
-            if e != cached_epoch:  # one permutation per epoch; ranks stride through it, so this is rare
-                perm, flips = self.epoch(e)
-                cached_epoch = e
-            yield int(perm[off]), bool(flips[off])
-            i += 1
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Samples -> {"image": uint8 [B, C, H, W], "label": int64 [B], "caption": list[str], "key": list[str]}."""
-    return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "label": torch.stack([s["label"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
-    }
-
-
-def build_train_loader(
-    url: str,
-    batch_size: int,
-    seed: int,
-    start: int = 0,
-    num_samples: int | None = None,
-    xflip: bool = False,
-    num_workers: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-) -> DataLoader:
-    """Batches of this rank's stream from sample `start` (samples this rank already consumed).
-
-    `num_samples` is how many samples to serve (rounded down to whole batches); None = endless.
-    """
-    if batch_size <= 0:
-        raise ValueError(f"batch_size={batch_size} must be positive")
-    dataset = ShardDataset(url)
-    sampler = InfiniteSampler(
-        len(dataset), seed, rank=rank, world_size=world_size, start=start, length=num_samples, xflip=xflip
-    )
-    # The DataLoader draws its workers' base seed from this generator; without one it would draw from torch's
-    # global RNG and shift every later random number of the training run.
-    generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + rank) % 2**63)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate,
-        drop_last=True,
-        generator=generator,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
-    )

@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from pipeline.config import Config, to_yaml
-from pipeline.data import build_train_loader, ensure_synthetic_dataset, read_manifest
+from pipeline.data import StreamOptions, build_train_stream, ensure_synthetic_dataset, read_manifest
 from pipeline.errors import ConfigError
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
 from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
@@ -62,7 +62,13 @@ def check_dataset_fits(cfg: Config, url: str) -> None:
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Serves each rank its slice of the global sample stream, starting where the checkpoint left off."""
+    """Streams each rank its batches of the shards (`pipeline.data.stream`), continuing exactly where the
+    checkpoint's `data` entry left the stream (same ranks and workers), or from a fresh, logged seed otherwise.
+
+    The loader holds exactly the batches needed to reach `train.total_kimg`, so Lightning runs one epoch. It
+    hands the task a `StreamMonitor` that follows the stream's position and bad-data counters through the
+    batches the trainer actually consumed (prefetched batches do not count).
+    """
 
     def __init__(self, cfg: Config, url: str, start_nimg: int) -> None:
         super().__init__()
@@ -76,17 +82,24 @@ class ShardDataModule(L.LightningDataModule):
             )
         batch_per_rank = d.batch_size // world
         steps = math.ceil(max(self.cfg.train.total_nimg - self.start_nimg, 0) / d.batch_size)
-        return build_train_loader(
+        task = self.trainer.lightning_module
+        loader, monitor = build_train_stream(
             self.url,
             batch_size=batch_per_rank,
             seed=self.cfg.seed,
-            start=self.start_nimg // world,
-            num_samples=steps * batch_per_rank,
+            resolution=d.resolution,
+            num_batches=steps,
+            steps_done=self.start_nimg // d.batch_size,
+            cur_nimg=self.start_nimg,
+            saved=getattr(task, "resume_data_state", None),
             xflip=d.xflip,
-            num_workers=d.num_workers,
             rank=self.trainer.global_rank,
             world_size=world,
+            num_workers=d.num_workers,
+            options=StreamOptions.from_config(d),
         )
+        task.data_monitor = monitor
+        return loader
 
 
 def _loggers(cfg: Config) -> list[Logger]:
@@ -195,6 +208,10 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last),
         SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
     ]
+    if cfg.eval.metrics:
+        from pipeline.train.eval_callback import EvalCallback  # late: metrics pull in torch-fidelity and scipy
+
+        callbacks.append(EvalCallback(cfg, url))
     trainer = build_trainer(cfg, callbacks)
     trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
     checkpoints = list_checkpoints(cfg.run_dir)

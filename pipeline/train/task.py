@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.config import Config
+from pipeline.data.stream import StreamMonitor
 from pipeline.models import get_family
 from pipeline.objectives import Phase, PhaseInputs, build_objective
 from pipeline.train.ema import ema_beta, update_ema
@@ -56,6 +57,9 @@ class GANTask(L.LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         self._tick_time = time.perf_counter()
         self._tick_nimg = 0
+        # Set by the data module: follows the stream's position and bad-data counters through consumed batches.
+        self.data_monitor: StreamMonitor | None = None
+        self.resume_data_state: dict[str, Any] | None = None  # the checkpoint's `data` entry, for the data module
 
     # ------------------------------------------------------------------------------------------------------------
     # Setup
@@ -101,6 +105,8 @@ class GANTask(L.LightningModule):
             set_rng_state(self._pending_rng)
             self._pending_rng = None
 
+        if self.data_monitor is not None and "stream" in batch:
+            self.data_monitor.update(batch["stream"])
         real_img = batch["image"].to(torch.float32) / 127.5 - 1  # uint8 travels to the GPU; convert there
         real_c = self.labels_to_c(batch["label"])
         n = real_img.shape[0]
@@ -152,6 +158,19 @@ class GANTask(L.LightningModule):
                 self.log("Timing/sec_per_kimg", dt / (dn / 1000), on_step=True, on_epoch=False)
             self.log("Resources/peak_mem_gb", peak_memory_gb(self.device), on_step=True, on_epoch=False)
             self._tick_time, self._tick_nimg = now, self.cur_nimg
+            self._log_data()
+
+    def _log_data(self) -> None:
+        """Data counters summed over ranks (every rank takes part), logged; then the "too many bad samples" stop,
+        which every rank decides alike from the same sums, so no rank is left waiting in a collective."""
+        if self.data_monitor is None:
+            return
+        totals = self.data_monitor.counters()
+        if self.world_size > 1:
+            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+        for name, value in StreamMonitor.log_values(totals).items():
+            self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.data_monitor.check(totals)  # raises DatasetError; checkpoints and logs written so far stay
 
     # ------------------------------------------------------------------------------------------------------------
     # Exact resume
@@ -167,9 +186,20 @@ class GANTask(L.LightningModule):
             "objective": self.objective.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.trainer.optimizers],
             "counters": {"cur_nimg": self.cur_nimg, "step_idx": self.step_idx},
-            "data": {"samples_seen": self.cur_nimg, "seed": self.cfg.seed},
+            "data": {"samples_seen": self.cur_nimg, "seed": self.cfg.seed, **self._data_state()},
             "rng": get_rng_state(),
         }
+
+    def _data_state(self) -> dict[str, Any]:
+        """`stream` (every rank's slot positions, gathered) and `counters` (summed) for the checkpoint."""
+        if self.data_monitor is None:
+            saved = self.resume_data_state or {}
+            return {k: saved[k] for k in ("stream", "counters") if k in saved}
+        positions, totals = self.data_monitor.positions(), self.data_monitor.counters()
+        if self.world_size > 1:  # every rank calls this (see KimgCheckpoint.save), so the collectives match
+            positions = self.all_gather(positions.to(self.device)).cpu()
+            totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
+        return self.data_monitor.state_dict(positions, totals)
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         self.G.load_state_dict(state["G"])
@@ -180,6 +210,7 @@ class GANTask(L.LightningModule):
         self.step_idx = int(state["counters"]["step_idx"])
         self._pending_optimizer_states = state["optimizers"]
         self._pending_rng = state["rng"]
+        self.resume_data_state = state.get("data")
 
 
 def get_rng_state() -> dict[str, Any]:

@@ -1,0 +1,103 @@
+"""Evaluation: feature extractors, FID/KID/IS/precision-recall/CLIP score, reference statistics, distributed.
+
+Public API
+    EvalConfig                      the `eval:` config section
+    parse_metric / MetricSpec       `fid50k_full` -> what to compute
+    Evaluator                       metrics of a generator against one dataset (training callback, CLI)
+    load_generator_source           G_ema from an export folder, checkpoint or run dir
+    build_extractor, InceptionV3, SmallExtractor, random_inception_state_dict
+    reference_features              cached reference statistics (`ganpipe eval stats`)
+    frechet_distance, kid, inception_score, precision_recall, clip_score, GaussianStats
+    CLIPEncoder (pipeline.metrics.clip, imports transformers lazily)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from pipeline.metrics.config import INCEPTION_URL, EvalConfig
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` below imports on first use
+    from pipeline.metrics.evaluate import Evaluator, GeneratorInfo, better, load_generator_source
+    from pipeline.metrics.extractors import (
+        FeatureExtractor,
+        InceptionV3,
+        SmallExtractor,
+        build_extractor,
+        random_inception_state_dict,
+    )
+    from pipeline.metrics.features import Features, generated_features, real_features
+    from pipeline.metrics.math import (
+        GaussianStats,
+        clip_score,
+        fid_from_stats,
+        frechet_distance,
+        inception_score,
+        kid,
+        precision_recall,
+    )
+    from pipeline.metrics.refs import reference_features
+    from pipeline.metrics.spec import MetricSpec, parse_metric
+
+# Everything else loads on first use, so `pipeline.config` (which needs EvalConfig) stays light to import.
+_LAZY = {
+    "Evaluator": "evaluate",
+    "GeneratorInfo": "evaluate",
+    "better": "evaluate",
+    "load_generator_source": "evaluate",
+    "FeatureExtractor": "extractors",
+    "InceptionV3": "extractors",
+    "SmallExtractor": "extractors",
+    "build_extractor": "extractors",
+    "random_inception_state_dict": "extractors",
+    "Features": "features",
+    "generated_features": "features",
+    "real_features": "features",
+    "GaussianStats": "math",
+    "clip_score": "math",
+    "fid_from_stats": "math",
+    "frechet_distance": "math",
+    "inception_score": "math",
+    "kid": "math",
+    "precision_recall": "math",
+    "reference_features": "refs",
+    "MetricSpec": "spec",
+    "parse_metric": "spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"pipeline.metrics.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline.metrics' has no attribute {name!r}")
+
+
+__all__ = [
+    "INCEPTION_URL",
+    "EvalConfig",
+    "Evaluator",
+    "FeatureExtractor",
+    "Features",
+    "GaussianStats",
+    "GeneratorInfo",
+    "InceptionV3",
+    "MetricSpec",
+    "SmallExtractor",
+    "better",
+    "build_extractor",
+    "clip_score",
+    "fid_from_stats",
+    "frechet_distance",
+    "generated_features",
+    "inception_score",
+    "kid",
+    "load_generator_source",
+    "parse_metric",
+    "precision_recall",
+    "random_inception_state_dict",
+    "real_features",
+    "reference_features",
+]

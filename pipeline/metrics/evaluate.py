@@ -1,0 +1,167 @@
+"""Evaluate a generator: metric names in, numbers out; used by the training callback and `ganpipe eval`.
+
+Job: `Evaluator(cfg, data_url, resolution, cache_dir).evaluate(G, z_dim, c_dim)` computes `cfg.metrics`
+(`pipeline.metrics.spec`) for G with one pass of generated images (as many as the largest metric needs; metric
+m uses images 0..n_m-1) and one reference entry per distinct real count. It keeps the extractor and the
+reference features between calls, so evaluating every few kimg only pays for the generated images.
+`load_generator_source(path)` loads G from an export folder, a checkpoint or a run dir.
+
+Result keys (what is logged and written to metrics.jsonl)
+    fidN[_full]            FID
+    kidN[_full], _std      KID mean over subsets (x1, not x1000) and its std
+    isN, _std              Inception Score mean over 10 splits and its std
+    prNk[_full]_precision, _recall
+    clip_scoreN            CLIP score (needs a text-conditional generator)
+All ranks of a distributed job must call `evaluate` together; every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from torch import nn
+
+from pipeline.errors import ConfigError
+from pipeline.metrics.config import EvalConfig
+from pipeline.metrics.extractors import FeatureExtractor, build_extractor
+from pipeline.metrics.features import Features, generated_features
+from pipeline.metrics.math import GaussianStats, fid_from_stats, inception_score, kid, precision_recall
+from pipeline.metrics.refs import reference_features
+from pipeline.metrics.spec import MetricSpec, parse_metric
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {"fid": True, "kid": True, "is": False, "clip_score": False}
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether `new` improves on `old` for `metric` (FID/KID lower, IS/CLIP higher)."""
+    if old is None:
+        return new == new  # NaN never counts as best
+    return new < old if LOWER_IS_BETTER[parse_metric(metric).kind] else new > old
+
+
+@dataclass
+class GeneratorInfo:
+    """A loaded generator and what evaluation needs to know about it."""
+
+    G: nn.Module
+    z_dim: int
+    c_dim: int
+    resolution: int
+    kimg: float | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the training config, when the source has one
+
+
+def load_generator_source(source: str, device: str | torch.device = "cpu") -> GeneratorInfo:
+    """G_ema from an export folder (generator.json), a checkpoint file or a run dir (its newest checkpoint)."""
+    from pipeline.config import config_from_dict
+    from pipeline.export import META_FILE, load_generator, read_export_meta
+    from pipeline.models import get_family
+    from pipeline.train.checkpoint import load_checkpoint, resolve_checkpoint
+
+    fs, path = fsspec.core.url_to_fs(source)
+    if fs.exists(f"{path.rstrip('/')}/{META_FILE}"):
+        meta = read_export_meta(source)
+        G = load_generator(source, device)
+        return GeneratorInfo(G, meta.z_dim, meta.c_dim, meta.resolution, meta.kimg)
+    url = resolve_checkpoint(source)
+    state = load_checkpoint(url)
+    cfg = config_from_dict(state["config"])
+    G = get_family(cfg.family).build_generator(cfg.model, cfg.data.resolution)
+    G.load_state_dict(state["G_ema"])
+    G = G.eval().requires_grad_(False).to(device)
+    kimg = state["counters"]["cur_nimg"] / 1000
+    return GeneratorInfo(G, cfg.model.z_dim, cfg.model.c_dim, cfg.data.resolution, kimg, state["config"])
+
+
+class Evaluator:
+    """Computes a list of metrics for generators of one dataset (see the module docstring)."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        data_url: str | None,
+        resolution: int,
+        cache_dir: str,
+        device: str | torch.device = "cpu",
+        metrics: list[str] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.cfg, self.data_url, self.resolution, self.cache_dir = cfg, data_url, resolution, cache_dir
+        self.device, self.progress = torch.device(device), progress
+        self.specs = [parse_metric(m) for m in (cfg.metrics if metrics is None else metrics)]
+        if not self.specs:
+            raise ConfigError("no metrics to compute: set eval.metrics=[fid50k_full] or pass --metrics fid50k_full")
+        if any(s.needs_reals for s in self.specs) and not data_url:
+            raise ConfigError("FID, KID and PR compare with real images: pass --data DATA_URL (a shard folder)")
+        if any(s.kind == "clip_score" for s in self.specs):
+            raise ConfigError(
+                "clip_score needs a text-conditional generator, which this ganpipe's families are not; "
+                "remove it from the metrics (pipeline.metrics.clip scores images against captions directly)"
+            )
+        if cfg.extractor == "small" and any(s.kind == "is" for s in self.specs):
+            raise ConfigError("Inception Score needs class logits: set eval.extractor=inception")
+        self.cache_url = cfg.cache_url or f"{cache_dir.rstrip('/')}/metrics"
+        self._extractor: FeatureExtractor | None = None
+        self._refs: dict[tuple[int | None, bool], Features] = {}
+        self.last_cache_hits: list[bool] = []
+
+    @property
+    def extractor(self) -> FeatureExtractor:
+        if self._extractor is None:
+            self._extractor = build_extractor(self.cfg, self.cache_dir, self.device)
+        return self._extractor
+
+    def reference(self, spec: MetricSpec) -> Features:
+        need = spec.needs_real_features
+        for (num, has_feats), f in self._refs.items():  # a kept entry with features also serves FID
+            if num == spec.num_real and (has_feats or not need):
+                return f
+        assert self.data_url is not None
+        f, hit = reference_features(
+            self.data_url, self.extractor, cache_url=self.cache_url, resolution=self.resolution,
+            num_real=spec.num_real, need_features=need, batch_size=self.cfg.batch_size,
+            num_workers=self.cfg.num_workers, device=self.device, progress=self.progress,
+        )  # fmt: skip
+        self.last_cache_hits.append(hit)
+        self._refs[(spec.num_real, f.features is not None)] = f
+        return f
+
+    @torch.no_grad()
+    def evaluate(self, G: nn.Module, z_dim: int, c_dim: int = 0) -> dict[str, float]:
+        t0 = time.perf_counter()
+        num_gen = max(s.num_gen for s in self.specs)
+        gen = generated_features(
+            G, self.extractor, num_gen, z_dim=z_dim, c_dim=c_dim, seed=self.cfg.seed,
+            batch_size=self.cfg.batch_size, keep_logits=any(s.kind == "is" for s in self.specs),
+            device=self.device, progress=self.progress,
+        )  # fmt: skip
+        assert gen.features is not None
+        out: dict[str, float] = {}
+        for s in self.specs:
+            g = gen.features[: s.num_gen]
+            if s.kind == "fid":
+                stats = gen.stats if s.num_gen == num_gen else GaussianStats.of(g)
+                out[s.name] = fid_from_stats(stats, self.reference(s).stats)
+            elif s.kind == "kid":
+                real = self.reference(s).features
+                assert real is not None
+                out[s.name], out[f"{s.name}_std"] = kid(g, real)
+            elif s.kind == "pr":
+                real = self.reference(s).features
+                assert real is not None
+                out[f"{s.name}_precision"], out[f"{s.name}_recall"] = precision_recall(g, real, s.neighbours)
+            elif s.kind == "is":
+                assert gen.logits is not None
+                out[s.name], out[f"{s.name}_std"] = inception_score(gen.logits[: s.num_gen])
+        log.info("metrics in %.1fs: %s", time.perf_counter() - t0, out)
+        return out
+
+
+__all__ = ["LOWER_IS_BETTER", "Evaluator", "GeneratorInfo", "better", "load_generator_source"]

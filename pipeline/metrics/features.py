@@ -1,0 +1,235 @@
+"""Features of real and generated images, split across ranks and gathered so every rank holds the same result.
+
+Job: `real_features(...)` streams a dataset once (`pipeline.data.read_once`: rank r reads its share of the
+shards, every sample exactly once) and `generated_features(...)` draws images from a generator; both return
+`Features` identical (to float rounding) to a single-process run.
+
+Why results do not depend on the number of ranks
+    Generated image i always comes from z_i = randn(z_dim) of a private generator seeded by (seed, i), so
+    which rank draws it does not matter; ranks take contiguous index blocks and the gather concatenates them in
+    index order. Real images are put in sample-key order after the gather, and "the first N reals" are the
+    first N keys of the leading shards that hold N samples. When every real image is used and only the
+    Gaussian is needed (FID *_full), ranks add float64 sums instead of gathering features, so memory stays
+    O(D^2) for any dataset size.
+
+    Features are bit-identical to a single process when each rank's batches hold the same images as the
+    single process's (same batch boundaries, same thread count); otherwise float32 rounding of the generator,
+    amplified by the uint8 quantisation of its images, moves single features by ~1e-4 and metrics by far less.
+
+Collectives use `torch.distributed`'s default group when it is initialised (Lightning's DDP, torchrun, or the
+tests' gloo group); tensors travel on the GPU under NCCL and on the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pipeline.data import open_source, read_once
+from pipeline.metrics.extractors import FeatureExtractor
+from pipeline.metrics.math import GaussianStats
+
+log = logging.getLogger(__name__)
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def gather_rows(x: Tensor) -> Tensor:
+    """Concatenate every rank's [n_r, ...] tensor in rank order (n_r may differ); a no-op on one process."""
+    _rank, size = world()
+    if size == 1:
+        return x
+    dev = _comm_device()
+    n = torch.tensor([x.shape[0]], device=dev)
+    counts = [torch.zeros_like(n) for _ in range(size)]
+    dist.all_gather(counts, n)
+    most = int(max(c.item() for c in counts))
+    padded = torch.zeros((most, *x.shape[1:]), dtype=x.dtype, device=dev)
+    padded[: x.shape[0]] = x.to(dev)
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts, strict=True)]).to(x.device)
+
+
+def gather_objects(obj: object) -> list[object]:
+    _, size = world()
+    if size == 1:
+        return [obj]
+    out: list[object] = [None] * size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_stats(stats: GaussianStats) -> GaussianStats:
+    _, size = world()
+    if size == 1:
+        return stats
+    # float64 on the CPU under gloo; NCCL supports float64 too.
+    dev = _comm_device()
+    packed = torch.from_numpy(np.concatenate([[stats.num], stats.sum, stats.outer.ravel()])).to(dev)
+    dist.all_reduce(packed)
+    flat = packed.cpu().numpy()
+    d = stats.sum.shape[0]
+    return GaussianStats(round(flat[0]), flat[1 : 1 + d].copy(), flat[1 + d :].reshape(d, d).copy())
+
+
+@dataclass
+class Features:
+    """What a metric needs of one image set: its Gaussian, and the features/logits where kept."""
+
+    stats: GaussianStats
+    features: Tensor | None = None  # [N, D] float32 (CPU), in index / key order
+    logits: Tensor | None = None  # [N, classes] float32 (CPU), generated images only
+
+    @property
+    def num(self) -> int:
+        return self.stats.num
+
+
+def real_features(
+    url: str,
+    extractor: FeatureExtractor,
+    *,
+    resolution: int | None,
+    batch_size: int,
+    num_workers: int = 0,
+    num_real: int | None = None,
+    keep_features: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> Features:
+    """Features of the first `num_real` reals (None = all), every rank reading its share of the shards.
+
+    "The first N" are the first N sample keys of the fewest leading shards (manifest order) that hold N samples,
+    so a non-full metric reads about N images, not the whole dataset; without shard counts (a bare shard
+    pattern) every shard is read and the first N keys are kept."""
+    rank, size = world()
+    source = open_source(url)
+    if num_real is not None and source.shard_sizes:
+        # Read only the leading shards that hold num_real samples: a choice that does not depend on the ranks.
+        cum = np.cumsum(source.shard_sizes)
+        m = int(np.searchsorted(cum, num_real) + 1) if cum[-1] >= num_real else len(cum)
+        source = dataclasses.replace(source, shard_urls=source.shard_urls[:m], shard_sizes=source.shard_sizes[:m])
+    reader = read_once(source, batch_size=batch_size, resolution=resolution, num_workers=num_workers, rank=rank,
+                       world_size=size)  # fmt: skip
+    streaming = num_real is None and not keep_features  # FID *_full: sums only, any dataset size
+    stats = GaussianStats.empty(extractor.dim)
+    keys: list[str] = []
+    chunks: list[Tensor] = []
+    bar = tqdm(desc="reals", unit="img", disable=not progress or rank != 0, leave=False)
+    for batch in reader:
+        feats = extractor(batch["image"].to(device))["features"].cpu()
+        if streaming:
+            stats.add(feats)
+        else:
+            keys.extend(batch["key"])
+            chunks.append(feats)
+        bar.update(feats.shape[0])
+    bar.close()
+    if reader.stats.num_bad:
+        log.warning("skipped %d unusable real images while computing features: %s", reader.stats.num_bad,
+                    {k: v for k, v in reader.stats.bad.items() if v})  # fmt: skip
+    if streaming:
+        return Features(all_reduce_stats(stats))
+    local = torch.cat(chunks) if chunks else torch.zeros((0, extractor.dim))
+    everything = gather_rows(local)
+    all_keys = [k for part in gather_objects(keys) for k in part]  # type: ignore[union-attr]
+    order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
+    if num_real is not None:
+        order = order[:num_real]
+    feats = everything[torch.tensor(order, dtype=torch.long)] if order else everything[:0]
+    return Features(GaussianStats.of(feats), feats if keep_features else None)
+
+
+def latents(indices: range, z_dim: int, c_dim: int, seed: int) -> tuple[Tensor, Tensor | None]:
+    """z (and one-hot c) of generated images `indices`: a function of (seed, index) only."""
+    zs, cs = [], []
+    for i in indices:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+        zs.append(torch.randn([z_dim], generator=gen))
+        if c_dim > 0:
+            cs.append(int(torch.randint(c_dim, (1,), generator=gen)))
+    z = torch.stack(zs) if zs else torch.zeros((0, z_dim))
+    c = torch.nn.functional.one_hot(torch.tensor(cs, dtype=torch.long), c_dim).float() if c_dim > 0 else None
+    return z, c
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Generator output in [-1, 1] -> uint8, rounding as StyleGAN2-ADA and `ganpipe generate` do."""
+    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def default_synthesize(G: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
+    return lambda z, c: G(z, c, noise_mode="const")
+
+
+@torch.no_grad()
+def generated_features(
+    G: nn.Module,
+    extractor: FeatureExtractor,
+    num: int,
+    *,
+    z_dim: int,
+    c_dim: int = 0,
+    seed: int = 0,
+    batch_size: int = 64,
+    keep_features: bool = True,
+    keep_logits: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    synthesize: Callable[[Tensor, Tensor | None], Tensor] | None = None,
+) -> Features:
+    """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order."""
+    rank, size = world()
+    lo, hi = rank * num // size, (rank + 1) * num // size
+    synth = synthesize or default_synthesize(G)
+    feats, logits = [], []
+    bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
+    for start in range(lo, hi, batch_size):
+        z, c = latents(range(start, min(start + batch_size, hi)), z_dim, c_dim, seed)
+        images = to_uint8(synth(z.to(device), c.to(device) if c is not None else None))
+        out = extractor(images)
+        feats.append(out["features"].cpu())
+        if keep_logits:
+            logits.append(out["logits"].cpu())
+        bar.update(z.shape[0] * size)
+    bar.close()
+    f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, extractor.dim)))
+    lg = None
+    if keep_logits:
+        classes = 1008 if not logits else logits[0].shape[1]
+        lg = gather_rows(torch.cat(logits) if logits else torch.zeros((0, classes)))
+    assert f.shape[0] == num, f"gathered {f.shape[0]} generated features, expected {num}"
+    return Features(GaussianStats.of(f), f if keep_features else None, lg)
+
+
+__all__ = [
+    "Features",
+    "all_reduce_stats",
+    "gather_objects",
+    "gather_rows",
+    "generated_features",
+    "latents",
+    "real_features",
+    "to_uint8",
+    "world",
+]

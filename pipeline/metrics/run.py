@@ -1,0 +1,142 @@
+"""What `ganpipe eval` runs: metrics of a run dir / checkpoint / export, and reference statistics ahead of time.
+
+Job: resolve the generator, the dataset, the eval config (the run's own `eval:` section when the source is a
+checkpoint, defaults for an export, then the command line's choices) and call the `Evaluator`. Under `torchrun`
+(WORLD_SIZE > 1) it joins the process group itself (NCCL on GPUs, gloo on CPUs) and every rank extracts its
+share; rank 0 prints and writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pipeline.errors import ConfigError
+from pipeline.metrics.config import EvalConfig
+from pipeline.metrics.evaluate import Evaluator, load_generator_source
+from pipeline.metrics.extractors import build_extractor
+from pipeline.metrics.refs import reference_features
+from pipeline.metrics.spec import parse_metric
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("GANPIPE_CACHE") or os.path.expanduser("~/.cache/ganpipe")
+
+
+def init_distributed_from_env(device: str | None) -> torch.device:
+    """Join torchrun's process group when there is one; the device this rank evaluates on."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def _eval_config(base: dict[str, Any] | None, changes: dict[str, Any]) -> EvalConfig:
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    values = {k: v for k, v in (base or {}).items() if k in fields}
+    values.update({k: v for k, v in changes.items() if v is not None})
+    cfg = EvalConfig(**values)
+    if cfg.best_metric not in cfg.metrics:
+        cfg.best_metric = None  # the training-time choice does not constrain an evaluation after training
+    cfg.validate("eval")
+    return cfg
+
+
+def evaluate_source(
+    source: str,
+    *,
+    metrics: list[str] | None = None,
+    data_url: str | None = None,
+    changes: dict[str, Any] | None = None,
+    device: str | None = None,
+    jsonl: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Metrics of the generator at `source` (run dir, checkpoint or export folder); returns the JSON record."""
+    for name in metrics or []:
+        parse_metric(name)  # a typo fails before any loading
+    dev = init_distributed_from_env(device)
+    info = load_generator_source(source, dev)
+    run_cfg = info.config
+    changes = dict(changes or {})
+    names = metrics or (run_cfg.get("eval", {}).get("metrics") if run_cfg else None) or ["fid50k_full"]
+    cfg = _eval_config(run_cfg.get("eval") if run_cfg else None, {**changes, "metrics": list(names)})
+    data = run_cfg.get("data", {}) if run_cfg else {}
+    cache_dir = data.get("cache_dir") or default_cache_dir()
+    if data_url is None and any(parse_metric(m).needs_reals for m in names):
+        data_url = data.get("url")
+        if data_url is None and data:  # trained on the built-in synthetic set: evaluate against the same set
+            from pipeline.data import ensure_synthetic_dataset
+
+            synth = data.get("synth", {})
+            data_url = ensure_synthetic_dataset(cache_dir, n=synth.get("n", 2000), resolution=info.resolution,
+                                                seed=synth.get("seed", 0))  # fmt: skip
+        if data_url is None:
+            raise ConfigError(f"{source!r} does not say which data it was trained on: pass --data DATA_URL")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    evaluator = Evaluator(cfg, data_url, info.resolution, cache_dir, dev, progress=progress and rank == 0)
+    results = evaluator.evaluate(info.G, info.z_dim, info.c_dim)
+    record = {
+        "source": source,
+        "data": data_url,
+        "kimg": info.kimg,
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "num_ranks": dist.get_world_size() if dist.is_initialized() else 1,
+        "extractor": evaluator.extractor.extractor_id,
+        "results": results,
+    }
+    if jsonl and rank == 0:
+        from pipeline.train.eval_callback import append_jsonl
+
+        append_jsonl(jsonl, record)
+    return record
+
+
+def build_stats(
+    data_url: str,
+    *,
+    metrics: list[str],
+    resolution: int | None = None,
+    changes: dict[str, Any] | None = None,
+    cache_dir: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Compute (or find) the cached reference statistics `metrics` will need for `data_url`."""
+    dev = init_distributed_from_env(device)
+    cfg = _eval_config(None, {**(changes or {}), "metrics": metrics})
+    cache_dir = cache_dir or default_cache_dir()
+    cache_url = cfg.cache_url or f"{cache_dir.rstrip('/')}/metrics"
+    if resolution is None:
+        from pipeline.data import open_source
+
+        manifest = open_source(data_url).manifest
+        resolution = manifest.resolution if manifest is not None else None
+    extractor = build_extractor(cfg, cache_dir, dev)
+    done: list[dict[str, Any]] = []
+    seen: set[tuple[int | None, bool]] = set()
+    for spec in sorted((parse_metric(m) for m in metrics), key=lambda s: not s.needs_real_features):
+        if not spec.needs_reals or any(n == spec.num_real and (f or not spec.needs_real_features) for n, f in seen):
+            continue
+        feats, hit = reference_features(
+            data_url, extractor, cache_url=cache_url, resolution=resolution, num_real=spec.num_real,
+            need_features=spec.needs_real_features, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+            device=dev, progress=progress,
+        )  # fmt: skip
+        seen.add((spec.num_real, spec.needs_real_features))
+        done.append({"metric": spec.name, "num_real": feats.num, "cache_hit": hit, "extractor": extractor.extractor_id})
+    return done
+
+
+__all__ = ["build_stats", "default_cache_dir", "evaluate_source", "init_distributed_from_env"]

@@ -1,0 +1,75 @@
+"""`ganpipe eval` after training (run dir and export, Inception with random weights) and `ganpipe eval stats`."""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+
+import torch
+
+from pipeline.cli import main
+from pipeline.data import write_synthetic_dataset
+from pipeline.metrics import random_inception_state_dict
+from pipeline.train import train
+
+
+def test_eval_stats_then_eval_a_run_dir_with_inception(make_config, tmp_path, capsys) -> None:
+    # Inception-v3 costs ~1 s per image on a shared CPU core: 4 reals and 4 generated images.
+    shards = str(tmp_path / "reals")
+    write_synthetic_dataset(shards, n=8, resolution=16, seed=1, samples_per_shard=4)
+    cfg = make_config("train.total_kimg=0.008")
+    train(cfg)
+    capsys.readouterr()  # Lightning's model summary
+    weights = tmp_path / "inception.pth"
+    torch.save(random_inception_state_dict(), weights)
+    cache = str(tmp_path / "evalcache")
+    common = [
+        "--extractor",
+        "inception",
+        "--inception-weights",
+        str(weights),
+        "--cache",
+        cache,
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
+
+    assert main(["eval", "stats", shards, "--metrics", "fid4,kid4", *common]) == 0
+    (entry,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert entry["num_real"] == 4 and entry["cache_hit"] is False and entry["extractor"].startswith("inception-v3")
+
+    jsonl = str(tmp_path / "evals.jsonl")
+    args = ["--metrics", "fid4,kid4,is4", "--data", shards, "--jsonl", jsonl, *common]
+    assert main(["eval", cfg.run_dir, *args]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["results"]) == {"fid4", "kid4", "kid4_std", "is4", "is4_std"}
+    assert all(math.isfinite(v) for v in record["results"].values()) and record["kimg"] == 0.008
+    assert record["results"]["is4"] >= 1.0
+    assert len(glob.glob(f"{cache}/refs/*.npz")) == 1  # the reals of `eval stats` were reused, not recomputed
+
+    with open(jsonl) as fh:
+        assert json.loads(fh.read())["results"] == record["results"]
+
+
+def test_export_and_checkpoint_give_the_same_numbers(make_config, shards, tmp_path, capsys) -> None:
+    cfg = make_config("train.total_kimg=0.008")
+    train(cfg)
+    export = str(tmp_path / "export")
+    assert main(["export", cfg.run_dir, "--out", export]) == 0
+    capsys.readouterr()
+    args = ["--metrics", "fid16_full,pr16", "--data", shards, "--extractor", "small", "--no-progress"]
+    assert main(["eval", cfg.run_dir, *args, "--cache", str(tmp_path / "c1")]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["eval", export, *args, "--cache", str(tmp_path / "c2")]) == 0
+    from_export = json.loads(capsys.readouterr().out)
+    assert from_run["results"] == from_export["results"]  # G_ema of the checkpoint and of its export
+    assert from_run["extractor"] == "small-seed0"
+
+
+def test_eval_errors_are_one_line(make_config, tmp_path, capsys) -> None:
+    assert main(["eval", str(tmp_path / "nothing"), "--metrics", "fid8"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--metrics", "fdi8"]) == 2
+    assert "metric 'fdi8' is unknown" in capsys.readouterr().err

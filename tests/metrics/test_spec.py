@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.metrics.spec import parse_metric
+
+
+@pytest.mark.parametrize(
+    ("name", "kind", "num_gen", "num_real", "nn"),
+    [
+        ("fid50k_full", "fid", 50000, None, 3),
+        ("fid50k", "fid", 50000, 50000, 3),
+        ("kid50k_full", "kid", 50000, 1_000_000, 3),
+        ("is50k", "is", 50000, 0, 3),
+        ("pr50k3_full", "pr", 50000, 200_000, 3),
+        ("pr10k5", "pr", 10000, 10000, 5),
+        ("clip_score30k", "clip_score", 30000, 0, 3),
+        ("fid256", "fid", 256, 256, 3),
+    ],
+)
+def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | None, nn: int) -> None:
+    s = parse_metric(name)
+    assert (s.kind, s.num_gen, s.num_real, s.neighbours) == (kind, num_gen, num_real, nn)
+
+
+@pytest.mark.parametrize("name", ["fid", "fdi50k", "fid0", "is50k_full", "fid50k3", "clip_score30k_full", "FID50k"])
+def test_bad_names_say_what_is_valid(name: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        parse_metric(name)

@@ -1,0 +1,69 @@
+"""Evaluation during training on the tiny recipe: the small extractor, metrics.jsonl, loggers, best checkpoint."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import torch
+
+from pipeline.train import list_checkpoints, load_checkpoint, train
+
+
+def _records(run_dir: str) -> list[dict]:
+    with open(f"{run_dir}/metrics.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def test_tiny_recipe_writes_metrics_during_training(make_config) -> None:
+    cfg = make_config(
+        "train.total_kimg=0.048",
+        "eval.metrics=[fid32_full,kid32,pr32_full]",
+        "eval.extractor=small",
+        "eval.every_kimg=0.016",
+        "eval.batch_size=16",
+        "eval.best_metric=fid32_full",
+        "logger.csv=true",
+        "train.log_every_kimg=0.008",
+    )
+    result = train(cfg)
+    assert result.kimg == 0.048
+    records = _records(cfg.run_dir)
+    # every 16 images (2 batches of 8) and no extra evaluation at the end (48 was just evaluated)
+    assert [r["cur_nimg"] for r in records] == [16, 32, 48]
+    for r in records:
+        assert r["extractor"] == "small-seed0" and r["num_ranks"] == 1
+        assert set(r["results"]) == {
+            "fid32_full", "kid32", "kid32_std", "pr32_full_precision", "pr32_full_recall"
+        }  # fmt: skip
+        assert all(math.isfinite(v) for v in r["results"].values())
+        assert r["results"]["fid32_full"] > 0
+    with open(f"{cfg.run_dir}/logs/metrics.csv") as fh:
+        rows = [row for row in csv.DictReader(fh) if row.get("metrics/fid32_full")]
+    assert [float(row["metrics/fid32_full"]) for row in rows] == [r["results"]["fid32_full"] for r in records]
+
+    with open(f"{cfg.run_dir}/checkpoints/best-fid32_full.json") as fh:
+        best = json.load(fh)
+    assert best["value"] == min(r["results"]["fid32_full"] for r in records)
+    state = load_checkpoint(best["checkpoint"])
+    assert state["counters"]["cur_nimg"] == round(best["kimg"] * 1000)
+    assert all(not u.endswith("best-fid32_full.pt") for u in list_checkpoints(cfg.run_dir))  # never pruned/resumed
+
+
+def test_evaluation_does_not_change_training(make_config, tmp_path) -> None:
+    base = ["train.total_kimg=0.024"]
+    plain = train(make_config(*base, f"run_dir={tmp_path / 'plain'}"))
+    evaluated = train(
+        make_config(
+            *base,
+            f"run_dir={tmp_path / 'eval'}",
+            "eval.metrics=[fid16_full]",
+            "eval.extractor=small",
+            "eval.every_kimg=0.008",
+        )
+    )
+    a, b = load_checkpoint(plain.checkpoint), load_checkpoint(evaluated.checkpoint)
+    for k in a["G"]:
+        assert torch.equal(a["G"][k], b["G"][k]), k
+    assert len(_records(str(tmp_path / "eval"))) == 3
