@@ -136,25 +136,16 @@ class WandbConfig:
     entity: str | None = None
     name: str | None = None
 
-    def validate(self, prefix: str) -> None:
-        pass
-
 
 @dataclass
 class LoggerConfig:
     csv: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
-    def validate(self, prefix: str) -> None:
-        self.wandb.validate(f"{prefix}.wandb")
-
 
 @dataclass
 class OpsConfig:
     impl: Literal["auto", "ref", "triton"] = "auto"  # 'ref' forces the pure-PyTorch ops everywhere
-
-    def validate(self, prefix: str) -> None:
-        pass
 
 
 @dataclass
@@ -176,7 +167,7 @@ class Config:
     def validate(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
+            if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         require(self.seed >= 0, "seed", self.seed, "must be >= 0")
 

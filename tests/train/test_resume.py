@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from pipeline.errors import ConfigError
 from pipeline.train import list_checkpoints, load_checkpoint, train
 from pipeline.train.checkpoint import find_latest_checkpoint
 
@@ -49,10 +51,6 @@ def test_interrupted_run_matches_uninterrupted(make_config, tmp_path) -> None:
 def test_without_resume_a_used_run_dir_is_refused(make_config) -> None:
     cfg = make_config("train.total_kimg=0.016")
     train(cfg)
-    import pytest
-
-    from pipeline.errors import ConfigError
-
     with pytest.raises(ConfigError, match="--resume auto"):
         train(cfg)
     # Resuming a finished run is a no-op that reports where it stands.
