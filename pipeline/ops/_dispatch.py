@@ -1,15 +1,25 @@
 """Backend selection shared by every op: turns the user's `impl` argument into the backend that will run.
 
-Backends: 'ref' (pure PyTorch, differentiable to any order, runs on every device) and 'triton' (the fused GPU
-kernels, not built yet). 'auto' picks the fastest available backend for the input tensor; today that is 'ref'.
+Backends:
+    'ref'    pure PyTorch, differentiable to any order, runs on every device.
+    'triton' the fused Triton kernels (`pipeline.ops._triton_kernels`), registered as `torch.library` custom ops
+             whose backward formulas are themselves custom ops, so they are differentiable twice. Runs on CUDA
+             tensors, and on CPU tensors when the Triton interpreter is on (`TRITON_INTERPRET=1`, how CI tests it).
+    'auto'   'triton' for CUDA tensors when Triton is installed, 'ref' everywhere else.
+
 The environment variable `GANPIPE_OPS_IMPL` overrides the argument globally: `GANPIPE_OPS_IMPL=ref` forces the
-reference everywhere (useful to bisect a numerical problem to the fused kernels); unset, empty or 'auto' leaves
-the argument in charge.
+reference everywhere (useful to bisect a numerical problem to the fused kernels), `=triton` forces the kernels;
+unset, empty or 'auto' leaves the argument in charge. The training entry point exports it from `ops.impl`.
+
+A kernel that fails at run time (a Triton compile error, an unsupported GPU) does not crash training: the op
+computes the same result with the reference and `warn_fallback_once` emits a single `OpsFallbackWarning`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -18,14 +28,39 @@ IMPLS = ("auto", "ref", "triton")
 
 
 class OpsBackendUnavailable(RuntimeError):
-    """A backend was requested (by argument or by `GANPIPE_OPS_IMPL`) that is not available."""
+    """A backend was requested (by argument or by `GANPIPE_OPS_IMPL`) that cannot run on the given tensor."""
+
+
+class OpsFallbackWarning(RuntimeWarning):
+    """A Triton kernel failed at run time and the op fell back to the reference."""
+
+
+def triton_installed() -> bool:
+    """Whether the `triton` package can be imported (it is absent from CPU-only torch wheels on some platforms)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreter_on() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (`TRITON_INTERPRET=1`); read when a kernel is first built."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_unavailable_reason(x: torch.Tensor) -> str | None:
+    """None when the Triton backend can run on `x`, else a one-line reason."""
+    if not triton_installed():
+        return "the triton package is not installed"
+    if x.device.type == "cuda":
+        return None
+    if x.device.type == "cpu" and triton_interpreter_on():
+        return None
+    return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got a {x.device.type} tensor"
 
 
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """Return the backend ('ref') that runs an op called with `impl` on input `x`.
+    """Return the backend ('ref' or 'triton') that runs an op called with `impl` on input `x`.
 
     Raises `ValueError` for an unknown name (in the argument or the environment variable) and
-    `OpsBackendUnavailable` when the chosen backend cannot run.
+    `OpsBackendUnavailable` when 'triton' is requested explicitly but cannot run on `x`.
     """
     assert isinstance(x, torch.Tensor)
     if impl not in IMPLS:
@@ -35,10 +70,38 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
         raise ValueError(f"environment variable {ENV_VAR} must be one of {IMPLS} or empty, got {forced!r}")
     if forced not in ("", "auto"):
         impl = forced
-    if impl == "triton":
+    if impl == "ref":
+        return "ref"
+    if impl == "auto":
+        # Only CUDA tensors benefit; the interpreter is a test vehicle, orders of magnitude slower than 'ref'.
+        return "triton" if x.device.type == "cuda" and triton_installed() else "ref"
+    reason = triton_unavailable_reason(x)
+    if reason is not None:
         raise OpsBackendUnavailable(
-            "the fused Triton backend of pipeline.ops is not built yet; use impl='ref' or impl='auto'"
+            f"impl='triton' cannot run: {reason}; use impl='ref' or impl='auto'"
             + (f" (it was requested through {ENV_VAR})" if forced == "triton" else "")
         )
-    # 'auto' will prefer 'triton' for CUDA tensors once it exists; until then every input runs the reference.
-    return "ref"
+    return "triton"
+
+
+_fallback_warned = False
+
+
+def warn_fallback_once(op: str, err: BaseException) -> None:
+    """Emit one `OpsFallbackWarning` per process for the first Triton failure; later failures are silent."""
+    global _fallback_warned
+    if _fallback_warned:
+        return
+    _fallback_warned = True
+    warnings.warn(
+        f"pipeline.ops: the Triton kernel of {op} failed ({type(err).__name__}: {err}); falling back to the "
+        f"PyTorch reference for this and every later failing call (set {ENV_VAR}=ref to silence this)",
+        OpsFallbackWarning,
+        stacklevel=3,
+    )
+
+
+def reset_fallback_warning() -> None:
+    """Re-arm `warn_fallback_once` (for tests)."""
+    global _fallback_warned
+    _fallback_warned = False

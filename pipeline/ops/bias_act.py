@@ -68,6 +68,9 @@ def _swish(x: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 _SQRT2 = math.sqrt(2)
+# F.selu's constants (Klambauer et al. 2017), needed by the fused kernels and their written-out derivatives.
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
 
 ACTIVATIONS: dict[str, ActivationSpec] = {
     spec.name: spec
@@ -104,8 +107,37 @@ def bias_act(
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
     assert clamp is None or clamp >= 0, "clamp must be None or >= 0"
-    resolve_impl(impl, x)
+    if resolve_impl(impl, x) == "triton":
+        return _bias_act_triton(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
     return _bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
+
+
+def _bias_act_triton(
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+    dim: int,
+    act: str,
+    alpha: float | None,
+    gain: float | None,
+    clamp: float | None,
+) -> torch.Tensor:
+    """The fused path: resolve the defaults, check b, then the `ganpipe::bias_act` custom op."""
+    from pipeline.ops._custom_ops import bias_act_op
+
+    spec = ACTIVATIONS[act]
+    assert x.is_floating_point(), "x must be a floating-point tensor"
+    if b is not None:
+        assert isinstance(b, torch.Tensor) and b.ndim == 1, "b must be a 1-D tensor"
+        assert 0 <= dim < x.ndim, f"dim must be in [0, {x.ndim}), got {dim}"
+        assert b.shape[0] == x.shape[dim], f"b has {b.shape[0]} elements, x.shape[{dim}] is {x.shape[dim]}"
+    else:
+        dim = min(max(dim, 0), max(x.ndim - 1, 0))  # unused without a bias; any valid axis will do
+    if b is not None and b.dtype != x.dtype:  # the reference's x + b promotes: same result dtype here
+        dtype = torch.promote_types(x.dtype, b.dtype)
+        x, b = x.to(dtype), b.to(dtype)
+    alpha = float(spec.def_alpha if alpha is None else alpha)
+    gain = float(spec.def_gain if gain is None else gain)
+    return bias_act_op(x, b, dim, act, alpha, gain, -1.0 if clamp is None else float(clamp))
 
 
 def _bias_act_ref(

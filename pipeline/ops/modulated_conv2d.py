@@ -11,8 +11,17 @@ Two equivalent schedules: fused (per-sample weights w' * d, batch folded into th
 convolution) and non-fused (x * s, a shared convolution with w, then * d, + noise), which is cheaper when the
 batch is large relative to the channel count. With fp16 activations and demodulation, w and s are first
 scaled by 1 / (sqrt(I kh kw) max|w[o]|) and 1 / max|s[n]| so that intermediate fp16 sums cannot overflow;
-demodulation removes those scales again. `prenormalize_fp16`, `demodulation_coefficients` and
-`modulated_weight` are the parts a fused kernel replaces.
+demodulation removes those scales again.
+
+Beyond NVIDIA's signature, the layer's bias and activation can be handed in (`bias`, `act`, `alpha`, `gain`,
+`clamp`): the result is then `bias_act(modulated_conv2d(...), bias, act=act, alpha=alpha, gain=gain,
+clamp=clamp)`, the composition every StyleGAN layer computes, which lets a backend fuse it.
+
+With impl='triton' the convolution stays with cuDNN (through `conv2d_resample`, whose FIR steps run the fused
+upfirdn2d). In the non-fused schedule (the one training uses) the input modulation x * s is one pass of the
+`ganpipe::scale_bias_act` kernel and the whole epilogue clamp(act(y * d + noise + b) * gain) is another, where
+the reference makes five or six passes over the layer's largest tensor. The demodulation coefficients are a
+[N, I] x [I, O] product: cuBLAS, not a custom kernel.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import math
 import torch
 
 from pipeline.ops._dispatch import resolve_impl
+from pipeline.ops.bias_act import ACTIVATIONS, bias_act
 from pipeline.ops.conv2d_resample import conv2d_resample
 from pipeline.ops.upfirdn2d import Padding
 
@@ -67,12 +77,19 @@ def modulated_conv2d(
     flip_weight: bool = True,
     fused_modconv: bool = True,
     impl: str = "auto",
+    *,
+    bias: torch.Tensor | None = None,
+    act: str = "linear",
+    alpha: float | None = None,
+    gain: float | None = None,
+    clamp: float | None = None,
 ) -> torch.Tensor:
     """Modulated (and by default demodulated) convolution with optional up/downsampling and additive noise.
 
     x [N, I, H, W], weight [O, I, kh, kw], styles [N, I], noise broadcastable to the output (e.g. [N, 1, H', W'])
     or None. up/down/padding/resample_filter/flip_weight as in `conv2d_resample`. fused_modconv: one grouped
     convolution with per-sample weights (True) or activation scaling around a shared convolution (False).
+    bias [O], act, alpha, gain, clamp: an epilogue as in `bias_act` (the defaults add nothing).
     Returns [N, O, H', W'] in x's dtype.
     """
     assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, I, H, W] tensor"
@@ -82,11 +99,40 @@ def modulated_conv2d(
     out_channels, in_channels, kh, kw = (int(s) for s in weight.shape)
     assert x.shape[1] == in_channels, f"x has {x.shape[1]} channels, weight expects {in_channels}"
     assert tuple(styles.shape) == (batch_size, in_channels), f"styles must be [{batch_size}, {in_channels}]"
+    if act not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
+    assert bias is None or tuple(bias.shape) == (out_channels,), f"bias must have shape [{out_channels}]"
     impl = resolve_impl(impl, x)
 
     if x.dtype == torch.float16 and demodulate:
         weight, styles = prenormalize_fp16(weight, styles)
     dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
+
+    if not fused_modconv and impl == "triton":
+        from pipeline.ops._custom_ops import scale, scale_bias_act_op
+
+        x = scale(x, styles.to(x.dtype))
+        x = conv2d_resample(
+            x,
+            weight.to(x.dtype),
+            f=resample_filter,
+            up=up,
+            down=down,
+            padding=padding,
+            flip_weight=flip_weight,
+            impl=impl,
+        )
+        spec = ACTIVATIONS[act]
+        return scale_bias_act_op(
+            x,
+            dcoefs.to(x.dtype) if dcoefs is not None else x.new_ones(batch_size, x.shape[1]),
+            None if noise is None else noise.to(x.dtype),
+            None if bias is None else bias.to(x.dtype),
+            act,
+            float(spec.def_alpha if alpha is None else alpha),
+            float(spec.def_gain if gain is None else gain),
+            -1.0 if clamp is None else float(clamp),
+        )
 
     if not fused_modconv:
         x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
@@ -104,7 +150,7 @@ def modulated_conv2d(
             x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
         if noise is not None:
             x = x + noise.to(x.dtype)
-        return x
+        return _epilogue(x, bias, act, alpha, gain, clamp, impl)
 
     w = modulated_weight(weight, styles, dcoefs)  # [N, O, I, kh, kw]
     y = conv2d_resample(
@@ -121,4 +167,19 @@ def modulated_conv2d(
     y = y.reshape(batch_size, out_channels, *y.shape[2:])
     if noise is not None:
         y = y + noise.to(y.dtype)
-    return y
+    return _epilogue(y, bias, act, alpha, gain, clamp, impl)
+
+
+def _epilogue(
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    act: str,
+    alpha: float | None,
+    gain: float | None,
+    clamp: float | None,
+    impl: str,
+) -> torch.Tensor:
+    if bias is None and act == "linear" and gain is None and clamp is None:
+        return x
+    return bias_act(x, None if bias is None else bias.to(x.dtype), act=act, alpha=alpha, gain=gain, clamp=clamp,
+                    impl=impl)  # fmt: skip

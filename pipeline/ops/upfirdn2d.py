@@ -113,8 +113,51 @@ def upfirdn2d(
     True = correlation. Output: [N, C, (H*uy + py0 + py1 - fh) // dy + 1, (W*ux + px0 + px1 - fw) // dx + 1].
     """
     assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, C, H, W] tensor"
-    resolve_impl(impl, x)
+    if resolve_impl(impl, x) == "triton":
+        return _upfirdn2d_triton(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
     return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+
+
+def correlation_kernel(
+    f: torch.Tensor | None, flip_filter: bool, gain: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The 2-D correlation kernel k [fh, fw] that the fused op slides over the padded image: the outer product
+    of a separable filter (each axis carries gain ** (1/2), so k carries `gain`), flipped unless flip_filter
+    (upfirdn2d convolves with f), times gain. float64 for float64 inputs, float32 otherwise."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if f is None:
+        return torch.full((1, 1), float(gain), dtype=acc, device=device)
+    k = f.to(device=device, dtype=acc)
+    k = torch.outer(k, k) if k.ndim == 1 else k
+    if not flip_filter:
+        k = k.flip([0, 1])
+    return k * gain if gain != 1 else k
+
+
+def _upfirdn2d_triton(
+    x: torch.Tensor,
+    f: torch.Tensor | None,
+    up: Scaling,
+    down: Scaling,
+    padding: Padding,
+    flip_filter: bool,
+    gain: float,
+) -> torch.Tensor:
+    """The fused path: the same checks as the reference, then the `ganpipe::upfirdn2d` custom op."""
+    from pipeline.ops._custom_ops import upfirdn2d_op
+
+    if f is not None:
+        assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
+        assert f.is_floating_point() and not f.requires_grad, "filter must be a constant floating-point tensor"
+    assert x.is_floating_point(), "x must be a floating-point tensor"
+    ux, uy = parse_scaling(up)
+    dx, dy = parse_scaling(down)
+    px0, px1, py0, py1 = parse_padding(padding)
+    fw, fh = filter_size(f)
+    _, _, h, w = x.shape
+    assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
+    k = correlation_kernel(f, flip_filter, gain, x.dtype, x.device)
+    return upfirdn2d_op(x, k, ux, uy, dx, dy, px0, px1, py0, py1)
 
 
 def _upfirdn2d_ref(

@@ -1,4 +1,5 @@
-"""The impl argument and GANPIPE_OPS_IMPL: 'auto'/'ref' run the reference, 'triton' is a clear error."""
+"""The impl argument and GANPIPE_OPS_IMPL: on CPU 'auto'/'ref' run the reference; 'triton' runs the kernels under
+the interpreter (TRITON_INTERPRET=1, set by conftest) and is a clear error without it."""
 
 from __future__ import annotations
 
@@ -40,26 +41,42 @@ def _no_env(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
 
 
+@pytest.fixture
+def no_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
-def test_every_op_dispatches(op, monkeypatch):
+def test_every_op_dispatches(op, monkeypatch, no_interpreter):
     run = OPS[op]
     ref = run("ref")
     torch.testing.assert_close(run("auto"), ref)
     with pytest.raises(OpsBackendUnavailable, match=r"impl='ref'"):
-        run("triton")
+        run("triton")  # a CPU tensor without the interpreter
     with pytest.raises(ValueError, match="impl must be one of"):
         run("cuda")
     monkeypatch.setenv(ENV_VAR, "ref")
     torch.testing.assert_close(run("triton"), ref)  # the environment forces the reference over the argument
 
 
-def test_resolve_impl():
+def test_resolve_impl(no_interpreter):
     assert resolve_impl("auto", X) == "ref"
     assert resolve_impl("ref", X) == "ref"
     with pytest.raises(OpsBackendUnavailable) as err:
         resolve_impl("triton", X)
     assert isinstance(err.value, RuntimeError)
-    assert "not built yet" in str(err.value) and "\n" not in str(err.value)
+    assert "TRITON_INTERPRET=1" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_resolve_impl_with_interpreter(interpreter):
+    assert resolve_impl("triton", X) == "triton"
+    assert resolve_impl("auto", X) == "ref"  # 'auto' only picks the kernels for CUDA tensors
+
+
+def test_auto_picks_triton_for_cuda_tensors(monkeypatch):
+    meta = torch.empty(2, device="meta")
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)), raising=False)
+    assert resolve_impl("auto", meta) == "triton"
 
 
 @pytest.mark.parametrize("value", ["ref", "REF", " ref "])
@@ -69,14 +86,14 @@ def test_env_forces_ref(monkeypatch, value):
     assert resolve_impl("auto", X) == "ref"
 
 
-def test_env_auto_or_empty_leaves_argument_in_charge(monkeypatch):
+def test_env_auto_or_empty_leaves_argument_in_charge(monkeypatch, no_interpreter):
     for value in ("", "auto"):
         monkeypatch.setenv(ENV_VAR, value)
         with pytest.raises(OpsBackendUnavailable):
             resolve_impl("triton", X)
 
 
-def test_env_triton_and_invalid_values(monkeypatch):
+def test_env_triton_and_invalid_values(monkeypatch, no_interpreter):
     monkeypatch.setenv(ENV_VAR, "triton")
     with pytest.raises(OpsBackendUnavailable, match=ENV_VAR):
         resolve_impl("auto", X)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from ops_naive import naive_modulated_conv2d
 
-from pipeline.ops import demodulation_coefficients, modulated_conv2d, modulated_weight, setup_filter
+from pipeline.ops import bias_act, demodulation_coefficients, modulated_conv2d, modulated_weight, setup_filter
 
 
 def _inputs(n=3, i=4, o=5, k=3, h=6, seed=0, dtype=torch.float64):
@@ -78,6 +78,21 @@ def test_noise_broadcasts():
             torch.testing.assert_close(
                 modulated_conv2d(x, w, s, noise=noise, padding=1, fused_modconv=fused), base + noise
             )
+
+
+def test_epilogue_equals_bias_act_of_the_output():
+    """bias/act/alpha/gain/clamp are the layer's bias_act, applied to the modulated convolution's output."""
+    x, w, s = _inputs()
+    b = torch.randn(5, dtype=torch.float64)
+    for fused in (True, False):
+        plain = modulated_conv2d(x, w, s, padding=1, fused_modconv=fused)
+        for kwargs in (dict(act="lrelu"), dict(act="lrelu", gain=0.5, clamp=0.3), dict(act="elu", alpha=None)):
+            torch.testing.assert_close(
+                modulated_conv2d(x, w, s, padding=1, fused_modconv=fused, bias=b, **kwargs),
+                bias_act(plain, b, **kwargs),
+            )
+    with pytest.raises(ValueError, match="unknown activation"):
+        modulated_conv2d(x, w, s, padding=1, act="gelu")
 
 
 def test_inputs_are_not_modified():
