@@ -108,34 +108,14 @@ def modulated_conv2d(
         weight, styles = prenormalize_fp16(weight, styles)
     dcoefs = demodulation_coefficients(weight, styles) if demodulate else None
 
-    if not fused_modconv and impl == "triton":
-        from pipeline.ops._custom_ops import scale, scale_bias_act_op
-
-        x = scale(x, styles.to(x.dtype))
-        x = conv2d_resample(
-            x,
-            weight.to(x.dtype),
-            f=resample_filter,
-            up=up,
-            down=down,
-            padding=padding,
-            flip_weight=flip_weight,
-            impl=impl,
-        )
-        spec = ACTIVATIONS[act]
-        return scale_bias_act_op(
-            x,
-            dcoefs.to(x.dtype) if dcoefs is not None else x.new_ones(batch_size, x.shape[1]),
-            None if noise is None else noise.to(x.dtype),
-            None if bias is None else bias.to(x.dtype),
-            act,
-            float(spec.def_alpha if alpha is None else alpha),
-            float(spec.def_gain if gain is None else gain),
-            -1.0 if clamp is None else float(clamp),
-        )
-
     if not fused_modconv:
-        x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        fused_epilogue = impl == "triton"
+        if fused_epilogue:
+            from pipeline.ops._custom_ops import scale, scale_bias_act_op
+
+            x = scale(x, styles.to(x.dtype))
+        else:
+            x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
         x = conv2d_resample(
             x,
             weight.to(x.dtype),
@@ -146,6 +126,18 @@ def modulated_conv2d(
             flip_weight=flip_weight,
             impl=impl,
         )
+        if fused_epilogue:
+            spec = ACTIVATIONS[act]
+            return scale_bias_act_op(
+                x,
+                dcoefs.to(x.dtype) if dcoefs is not None else x.new_ones(batch_size, x.shape[1]),
+                None if noise is None else noise.to(x.dtype),
+                None if bias is None else bias.to(x.dtype),
+                act,
+                float(spec.def_alpha if alpha is None else alpha),
+                float(spec.def_gain if gain is None else gain),
+                -1.0 if clamp is None else float(clamp),
+            )
         if dcoefs is not None:
             x = x * dcoefs.to(x.dtype).reshape(batch_size, -1, 1, 1)
         if noise is not None:

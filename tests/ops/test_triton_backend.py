@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 import torch
+from ops_cases import DOWNS, FILTERS, PADDINGS, UPS
 from torch.autograd import gradcheck, gradgradcheck
 
 import pipeline.ops._dispatch as dispatch
@@ -30,24 +31,7 @@ from pipeline.ops.upfirdn2d import filter_size, parse_padding
 
 pytestmark = pytest.mark.usefixtures("interpreter")
 
-TAPS = {1: [1.0], 2: [1.0, 1.0], 4: [1.0, 3.0, 3.0, 1.0], 6: [0.5, -1.0, 2.0, 3.0, 1.5, 0.25]}
 
-
-def _filters():
-    g = torch.Generator().manual_seed(1)
-    out = [("none", None)]
-    for t, taps in TAPS.items():
-        out.append((f"sep{t}", setup_filter(taps, separable=True)))
-        out.append((f"2d{t}", setup_filter(taps)))
-    out.append(("asym3x2", setup_filter(torch.rand(3, 2, generator=g))))
-    out.append(("asym1x4", setup_filter(torch.rand(1, 4, generator=g), normalize=False)))
-    return out
-
-
-FILTERS = _filters()
-UPS = [1, 2, 4, (2, 1)]
-DOWNS = [1, 2, 4, (1, 2)]
-PADDINGS = [0, 2, -1, (3, 1), (2, -1, 0, 3)]
 FLIP_GAIN = [(False, 1.0), (True, 2.5)]
 
 
