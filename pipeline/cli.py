@@ -17,6 +17,28 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"run dir: {result.run_dir} ({result.kimg:.3f} kimg, last checkpoint: {result.checkpoint})")
 
 
+def _cmd_submit(args: argparse.Namespace) -> None:
+    from pipeline.launch import SubmitRequest, submit
+    from pipeline.launch.slurm import watch_hint
+
+    request = SubmitRequest(
+        recipe=args.recipe,
+        profile=args.profile,
+        overrides=args.overrides,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        time=args.time,
+        job_name=args.job_name,
+    )
+    sub = submit(request, dry_run=args.dry_run)
+    if args.dry_run:
+        print(sub.script, end="")
+        return
+    hint = watch_hint(sub)
+    print(f"submitted job {sub.job_id}: run dir {sub.run_dir}")
+    print(f"  log: {hint['log']}  (watch: tail -f; queue: {hint['squeue']})")
+
+
 def _cmd_config(args: argparse.Namespace) -> None:
     from pipeline.config import load_config, to_yaml
 
@@ -69,6 +91,18 @@ def _cmd_bench_data(args: argparse.Namespace) -> None:
     bench_data(args=args)
 
 
+def _cmd_bench_ops(args: argparse.Namespace) -> int:
+    from pipeline.errors import ConfigError
+    from pipeline.models.bench import stylegan2_synthesis_case
+    from pipeline.ops.bench import parse_dtypes, run
+
+    try:
+        dtypes = parse_dtypes(args.dtypes)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return run(quick=args.quick, dtypes=dtypes, warmup=args.warmup, rep=args.rep, synthesis=stylegan2_synthesis_case)
+
+
 def _eval_changes(args: argparse.Namespace) -> dict:
     return {
         "extractor": args.extractor,
@@ -108,19 +142,56 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {meta.family} generator ({meta.resolution}px, {meta.kimg:.1f} kimg) to {args.out}")
 
 
+def _cmd_convert_nvlabs(args: argparse.Namespace) -> None:
+    from pipeline.export.nvlabs import convert_to_export
+
+    meta, notes = convert_to_export(args.snapshot, args.out, with_discriminator=args.discriminator)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"converted {meta.resolution}px {meta.family} networks ({', '.join(meta.networks)}) to {args.out}")
+
+
 def _cmd_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from pipeline.export import generate as gen
     from pipeline.export import load_generator
-    from pipeline.export.generate import generate_images, parse_seeds, write_images
     from pipeline.imaging import save_image_grid
 
+    if args.style_mix and not args.out:
+        raise gen.SeedsError("--style-mix writes one grid: add --out GRID.png")
+    if args.interpolate and not args.outdir:
+        raise gen.SeedsError("--interpolate writes one PNG per frame: add --outdir DIR")
+    if not (args.style_mix or args.interpolate or args.out or args.outdir):
+        raise gen.SeedsError("generate needs --out GRID.png and/or --outdir DIR")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seeds = parse_seeds(args.seeds)
     G = load_generator(args.export_dir, device=device)
-    images = generate_images(G, seeds, truncation_psi=args.trunc, class_idx=args.class_idx, noise_mode=args.noise_mode)
+    common = dict(
+        truncation_psi=args.trunc,
+        class_idx=args.class_idx,
+        noise_mode=args.noise_mode,
+        truncation_center=args.trunc_center,
+        class_avg_samples=args.class_avg_samples,
+    )
+    if args.style_mix:
+        rows, cols = (gen.parse_int_list(text, "--style-mix") for text in args.style_mix)
+        layers = gen.parse_int_list(args.style_layers, "--style-layers")
+        images, grid = gen.style_mix_grid(G, rows, cols, layers, **common)
+        save_image_grid(images, args.out, grid=grid)
+        print(
+            f"wrote a {len(rows)}x{len(cols)} style-mixing grid (styles {args.style_layers} from columns) to {args.out}"
+        )
+        return
+    if args.interpolate:
+        seeds = gen.parse_int_list(args.interpolate, "--interpolate")
+        frames = gen.interpolation_frames(G, seeds, args.frames, space=args.interp_space, **common)
+        urls = gen.write_frames(frames, args.outdir)
+        print(f"wrote {len(urls)} interpolation frames ({args.interp_space}) to {args.outdir}")
+        return
+    seeds = gen.parse_seeds(args.seeds)
+    images = gen.generate_images(G, seeds, noise_seed=args.noise_seed, **common)
     if args.outdir:
-        write_images(images, seeds, args.outdir)
+        gen.write_images(images, seeds, args.outdir)
         print(f"wrote {len(seeds)} images to {args.outdir}")
     if args.out:
         save_image_grid(images, args.out)
@@ -140,6 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="'auto': continue from the newest valid checkpoint in run_dir (or start fresh); or a checkpoint path",
     )
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("submit", help="submit a recipe as a Slurm job (requeues itself, resumes exactly)")
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/stylegan2/tiny.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. run_dir=/shared/runs/x")
+    p.add_argument("--profile", required=True, help="cluster profile: slurm/profiles/NAME.yaml or a YAML path")
+    p.add_argument("--nodes", type=int, help="number of nodes (default: the profile's)")
+    p.add_argument("--gpus-per-node", type=int, help="GPUs (= tasks) per node (default: the profile's)")
+    p.add_argument("--time", help="wall-clock limit per job, e.g. 24:00:00 (default: the profile's)")
+    p.add_argument("--job-name", help="Slurm job name (default: the run dir's name)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides")
     p.add_argument("recipe")
@@ -184,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best counts")
     s.set_defaults(func=_cmd_bench_data)
+    s = bench_sub.add_parser(
+        "ops", help="ref vs Triton per op on StyleGAN2 shapes (ms, GB/s, speed-up); no CUDA: correctness only"
+    )
+    s.add_argument("--quick", action="store_true", help="two resolutions (16, 128) instead of 8..256 and 1024")
+    s.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (default fp32,bf16)")
+    s.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms")
+    s.add_argument("--rep", type=int, default=100, help="measurement time per timing, ms")
+    s.set_defaults(func=_cmd_bench_ops)
 
     p = sub.add_parser(
         "eval",
@@ -210,14 +300,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
 
+    p = sub.add_parser("convert", help="convert official checkpoints to a ganpipe export folder")
+    convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="FORMAT")
+    s = convert_sub.add_parser(
+        "nvlabs", help="NVIDIA StyleGAN2-ADA / StyleGAN3 (--cfg=stylegan2) network-snapshot .pkl (never executed)"
+    )
+    s.add_argument("snapshot", help="network-snapshot-*.pkl (any fsspec URL)")
+    s.add_argument("--out", required=True, help="output folder: generator.safetensors + generator.json")
+    s.add_argument(
+        "--discriminator",
+        action="store_true",
+        help="also write D and the non-EMA G (discriminator.safetensors, generator_train.safetensors) for init=",
+    )
+    s.set_defaults(func=_cmd_convert_nvlabs)
+
     p = sub.add_parser("generate", help="sample images from an exported generator")
     p.add_argument("export_dir", help="folder written by `ganpipe export`")
     p.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 1,5,9-12")
     p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none)")
     p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for conditional models")
-    p.add_argument("--noise-mode", choices=["const", "random", "none"], default="const")
+    p.add_argument(
+        "--trunc-center",
+        choices=["class", "global"],
+        default="class",
+        help="conditional models: truncate toward the class's average w (default) or the global w_avg",
+    )
+    p.add_argument(
+        "--class-avg-samples", type=int, default=10_000, help="latents mapped to estimate a class's average w"
+    )
+    p.add_argument(
+        "--noise-mode",
+        choices=["const", "random", "none"],
+        default="const",
+        help="const: the stored noise (default); random: fresh noise from --noise-seed; none: no noise",
+    )
+    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise with --noise-mode random")
+    p.add_argument(
+        "--style-mix",
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="style-mixing grid of row seeds x column seeds, e.g. --style-mix 85,100,75 55,821 (needs --out)",
+    )
+    p.add_argument(
+        "--style-layers", default="0-6", help="with --style-mix: the styles (w indices) taken from the column seed"
+    )
+    p.add_argument(
+        "--interpolate", metavar="SEEDS", help="frames from seed to seed, e.g. 0,5,9 (one PNG per frame in --outdir)"
+    )
+    p.add_argument("--frames", type=int, default=30, help="with --interpolate: frames per transition")
+    p.add_argument(
+        "--interp-space",
+        choices=["w", "z"],
+        default="w",
+        help="with --interpolate: linear in W (default) or spherical (slerp) in Z",
+    )
     p.add_argument("--out", help="write one grid PNG here")
-    p.add_argument("--outdir", help="write one PNG per seed into this folder")
+    p.add_argument("--outdir", help="write one PNG per seed (or per frame) into this folder")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.set_defaults(func=_cmd_generate)
     return parser
@@ -225,9 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "generate" and not (args.out or args.outdir):
-        parser.error("generate needs --out GRID.png and/or --outdir DIR")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `submit RECIPE --profile NAME k=v ...`: argparse leaves KEY=VALUE after an option unparsed.
+        if args.command == "submit" and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from pipeline.errors import GanpipeError

@@ -23,6 +23,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.augment.config import AugmentConfig
+from pipeline.config_auto import AutoConfig, auto_layer
+from pipeline.data.stream import StreamOptions
 from pipeline.errors import ConfigError, require
 from pipeline.metrics.config import EvalConfig
 from pipeline.models import MODEL_CONFIGS
@@ -31,6 +34,12 @@ from pipeline.objectives import OBJECTIVE_CONFIGS
 
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and (n & (n - 1)) == 0
+
+
+def _is_signal_name(name: str) -> bool:
+    import signal
+
+    return isinstance(getattr(signal, f"SIG{name.upper().removeprefix('SIG')}", None), signal.Signals)
 
 
 @dataclass
@@ -45,7 +54,11 @@ class SynthConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(StreamOptions):
+    """The data section. The streaming loader's own knobs (shuffle_buffer, resample, crop, max_bad_fraction,
+    bad_check_min_samples, retries, retry_backoff_s, io_timeout_s, block_size, log_interval_s) are inherited
+    from `StreamOptions`, which documents and validates them, so they are `data.*` keys too."""
+
     url: str | None = None  # shard folder with manifest.json (any fsspec URL); null = built-in synthetic set
     resolution: int = 256
     batch_size: int = 32  # images per optimizer step, summed over all ranks
@@ -64,6 +77,7 @@ class DataConfig:
         require(self.batch_size > 0, f"{prefix}.batch_size", self.batch_size, "must be a positive integer")
         require(self.num_workers >= 0, f"{prefix}.num_workers", self.num_workers, "must be >= 0")
         self.synth.validate(f"{prefix}.synth")
+        super().validate(prefix)
 
     def resolved_cache_dir(self) -> str:
         return self.cache_dir or os.environ.get("GANPIPE_CACHE") or os.path.expanduser("~/.cache/ganpipe")
@@ -97,7 +111,12 @@ class TrainConfig:
     ema_rampup: float | None = 0.05  # EMA half-life is at most this fraction of the images shown so far
     precision: Literal["32", "bf16-mixed"] = "32"
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # processes (GPUs) per node; under srun it must equal the tasks per node
+    num_nodes: int = 1  # nodes; devices * num_nodes ranks share data.batch_size
+    batch_gpu: int | None = None  # images per forward/backward on one rank (gradient accumulation); null = all
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # collectives: auto = NCCL on GPU, gloo on CPU
+    sync_batchnorm: bool = False  # batch-norm statistics over all ranks (BigGAN-class models)
+    requeue_signal: str | None = "USR1"  # Slurm's pre-timeout signal: checkpoint, requeue, exit; null = ignore it
     samples_every_kimg: float = 50
     checkpoint_every_kimg: float = 50
     keep_last: int = 3
@@ -122,6 +141,16 @@ class TrainConfig:
             "must be > 0 or null",
         )
         require(self.devices >= 1, f"{prefix}.devices", self.devices, "must be >= 1")
+        require(self.num_nodes >= 1, f"{prefix}.num_nodes", self.num_nodes, "must be >= 1")
+        require(
+            self.batch_gpu is None or self.batch_gpu >= 1, f"{prefix}.batch_gpu", self.batch_gpu, "must be >= 1 or null"
+        )
+        require(
+            self.requeue_signal is None or _is_signal_name(self.requeue_signal),
+            f"{prefix}.requeue_signal",
+            self.requeue_signal,
+            "must be a signal name such as USR1, USR2 or null",
+        )
         for name in ("samples_every_kimg", "checkpoint_every_kimg", "log_every_kimg"):
             value = getattr(self, name)
             require(value > 0, f"{prefix}.{name}", value, "must be > 0")
@@ -163,6 +192,10 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     ops: OpsConfig = field(default_factory=OpsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    auto: AutoConfig = field(default_factory=AutoConfig)  # NVIDIA's cfg=auto rule (pipeline.config_auto)
+    init: str | None = None  # start a new run from these weights: export/convert folder, NVIDIA .pkl or checkpoint
+    freeze_d: int = 0  # freeze D's first N layers from the input side, as NVIDIA's --freezed (transfer learning)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -170,6 +203,11 @@ class Config:
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        require(self.freeze_d >= 0, "freeze_d", self.freeze_d, "must be >= 0 (0 = train every D layer)")
+        # Cross-section rule owned by the family: e.g. per-layer fp16 and Lightning's autocast exclude each other.
+        check_precision = getattr(self.model, "validate_precision", None)
+        if check_precision is not None:
+            check_precision("model", self.train.precision)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of builtins (safe for JSON, YAML and `torch.load(weights_only=True)`)."""
@@ -321,9 +359,14 @@ def build_config(raw: dict[str, Any]) -> Config:
 
 
 def load_config(recipe: str | None, overrides: list[str] | None = None) -> Config:
-    """The one way to get a Config: recipe (with its bases), then `key=value` overrides, then validation."""
+    """The one way to get a Config: recipe (with its bases), then the `auto` rule's keys when `auto.gpus` is set,
+    then `key=value` overrides, then validation."""
     raw = load_recipe(recipe) if recipe else {}
-    raw = _deep_merge(raw, parse_overrides(overrides or []))
+    over = parse_overrides(overrides or [])
+    raw = _deep_merge(raw, over)
+    derived = auto_layer(raw, DataConfig.resolution)
+    if derived is not None:
+        raw = _deep_merge(_deep_merge(raw, derived), over)
     return build_config(raw)
 
 
@@ -336,7 +379,97 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
+@dataclass
+class SlurmProfile:
+    """A cluster profile (`slurm/profiles/NAME.yaml`) for `ganpipe submit`: where and how a job runs.
+
+    One task per GPU (`tasks_per_node` defaults to `gpus_per_node`; a CPU profile sets `tasks_per_node`).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0 = CPU-only
+    tasks_per_node: int | None = None  # null = gpus_per_node (one task per GPU)
+    cpus_per_task: int = 8  # also the DataLoader/thread budget of each rank
+    mem: str | None = None  # per node, sbatch syntax (e.g. 480G); null = the partition's default
+    constraint: str | None = None
+    time: str = "24:00:00"  # the wall-clock limit of one job (it requeues itself for more)
+    signal: str = "USR1"  # sent `signal_seconds` before the time limit: checkpoint, requeue, exit
+    signal_seconds: int = 300  # must cover one training step plus writing a checkpoint
+    accelerator: Literal["auto", "gpu", "cpu"] = "auto"  # auto = gpu when gpus_per_node > 0
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # collectives (auto = NCCL on GPU, gloo on CPU)
+    modules: list[str] = field(default_factory=list)  # `module load` each, in order
+    setup: list[str] = field(default_factory=list)  # shell lines run before training (activate an env, ...)
+    env: dict[str, str] = field(default_factory=dict)  # exported before training
+    container: str | None = None  # a container image for srun (pyxis: --container-image)
+    container_mounts: list[str] = field(default_factory=list)  # pyxis --container-mounts
+    command: str | None = None  # how to run ganpipe on the nodes; null = the Python that runs `ganpipe submit`
+    workdir: str | None = None  # where the job starts; null = the directory `ganpipe submit` ran in
+    log_dir: str | None = None  # Slurm's stdout/stderr; null = RUN_DIR/slurm (RUN_DIR local) or ./slurm-logs
+    sbatch_args: list[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. --exclusive
+    srun_args: list[str] = field(default_factory=list)  # extra srun options, e.g. --cpu-bind=none
+
+    @property
+    def ntasks_per_node(self) -> int:
+        return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
+
+    def validate(self, prefix: str) -> None:
+        import re
+
+        require(self.nodes >= 1, f"{prefix}.nodes", self.nodes, "must be >= 1")
+        require(self.gpus_per_node >= 0, f"{prefix}.gpus_per_node", self.gpus_per_node, "must be >= 0")
+        require(
+            self.tasks_per_node is None or self.tasks_per_node >= 1,
+            f"{prefix}.tasks_per_node",
+            self.tasks_per_node,
+            "must be >= 1 or null (= gpus_per_node)",
+        )
+        require(
+            self.gpus_per_node == 0 or self.tasks_per_node in (None, self.gpus_per_node),
+            f"{prefix}.tasks_per_node",
+            self.tasks_per_node,
+            f"must equal gpus_per_node={self.gpus_per_node} (one task per GPU) or be null",
+        )
+        require(self.cpus_per_task >= 1, f"{prefix}.cpus_per_task", self.cpus_per_task, "must be >= 1")
+        require(
+            re.fullmatch(r"(\d+-)?\d+(:\d+){0,2}|UNLIMITED|INFINITE", self.time) is not None,
+            f"{prefix}.time",
+            self.time,
+            "must be a Slurm time such as 24:00:00, 2-00:00:00 or 90",
+        )
+        require(_is_signal_name(self.signal), f"{prefix}.signal", self.signal, "must be a signal name such as USR1")
+        require(self.signal_seconds >= 1, f"{prefix}.signal_seconds", self.signal_seconds, "must be >= 1")
+        require(
+            self.mem is None or re.fullmatch(r"\d+[KMGT]?", str(self.mem)) is not None,
+            f"{prefix}.mem",
+            self.mem,
+            "must be a Slurm size such as 64G or 0 (all of the node)",
+        )
+        require(
+            not (self.accelerator == "gpu" and self.gpus_per_node == 0),
+            f"{prefix}.accelerator",
+            self.accelerator,
+            "is gpu but gpus_per_node is 0: set gpus_per_node",
+        )
+
+
+def build_profile(raw: dict[str, Any], prefix: str = "profile") -> SlurmProfile:
+    """A `SlurmProfile` from a profile's YAML mapping, checked like a recipe (unknown keys, types, ranges)."""
+    _check_keys(raw, SlurmProfile, _valid_keys(SlurmProfile), f"{prefix}.")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SlurmProfile), OmegaConf.create(raw))
+        profile: SlurmProfile = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e) from None
+    profile.validate(prefix)
+    return profile
+
+
 __all__ = [
+    "AugmentConfig",
+    "AutoConfig",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -344,10 +477,12 @@ __all__ = [
     "LoggerConfig",
     "OpsConfig",
     "OptimConfig",
+    "SlurmProfile",
     "SynthConfig",
     "TrainConfig",
     "WandbConfig",
     "build_config",
+    "build_profile",
     "config_from_dict",
     "load_config",
     "load_recipe",

@@ -24,6 +24,10 @@ class ExportError(GanpipeError, RuntimeError):
     """An exported generator is missing, corrupt, or of an unknown format."""
 
 
+class LaunchError(GanpipeError, RuntimeError):
+    """A job cannot be submitted: no `sbatch`, an unknown profile, Slurm refused the job."""
+
+
 def require(ok: bool, key: str, value: object, allowed: str) -> None:
     """Config validation: raise `ConfigError` naming the key, the value and what is allowed unless `ok`."""
     if not ok:

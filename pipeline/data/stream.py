@@ -50,6 +50,7 @@ import random
 import re
 import tarfile
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -92,10 +93,10 @@ _LOG_FIRST = 5  # bad samples of each kind logged individually before rate limit
 # Options
 
 
-@dataclass(frozen=True)
+@dataclass
 class StreamOptions:
-    """Knobs of the stream that are not in `DataConfig` yet. `from_config` reads each from the config section
-    when present (the names are the proposed `data.*` keys) and keeps the default otherwise."""
+    """The stream's knobs. `DataConfig` inherits them, so each is also a `data.*` config key; `from_config`
+    takes them from a config section (fields it lacks keep their defaults)."""
 
     shuffle_buffer: int = 1000  # samples shuffled within one shard visit; 0 or 1 = the shard's own order
     resample: bool = True  # training draws shards with replacement; False = epochs of shuffled shards
@@ -449,22 +450,9 @@ class _DecodeSpec:
 
 class _Sample(NamedTuple):
     image: np.ndarray  # uint8 [H, W, C], possibly a read-only crop view of the decoder's output
-    flip: bool  # mirrored while copied into the batch (a numpy mirror copy of HWC bytes is 10x slower)
     label: int
     caption: str
     key: str
-
-
-def _copy_image(dst: np.ndarray, src: np.ndarray, flip: bool) -> None:
-    """dst[...] = src, mirrored left-right when `flip`. numpy, not torch: torch's intra-op threads contend
-    with the trainer when the stream runs in the main process (num_workers=0)."""
-    if not flip:
-        dst[...] = src
-        return
-    # One strided copy per channel plane: inner loops run over a whole row. `dst[...] = src[:, ::-1]` would
-    # loop over the 3 bytes of each pixel and costs 4x as much.
-    for c in range(src.shape[2]):
-        dst[:, :, c] = src[:, ::-1, c]
 
 
 _MAX_CONSECUTIVE_BAD = 10_000  # an endless stream of nothing but bad samples is an error, not a slow loop
@@ -581,8 +569,9 @@ class _SlotReader:
             except UnicodeDecodeError as e:
                 self._bad("bad_caption", shard, key, f".txt is not UTF-8 ({e.reason} at byte {e.start})")
                 return None
+        flip = spec.xflip and bool(mix(self.ds.seed, self.slot, visit, offset, _SALT_FLIP) & 1)
         try:
-            image = decode_array(data, spec.channels)
+            image = decode_array(data, spec.channels, flip=flip)  # mirrored by the decoder, where it is cheapest
         except ImageDecodeError as e:
             self._bad(e.kind, shard, key, str(e))
             return None
@@ -598,10 +587,11 @@ class _SlotReader:
                     y, x = (hsh & 0xFFFFFFFF) % (h - r + 1), (hsh >> 32) % (w - r + 1)
                 else:
                     y, x = (h - r) // 2, (w - r) // 2
+                if flip:  # the image is already mirrored: mirror the window too (crop-then-flip pixels)
+                    x = w - r - x
                 image = image[y : y + r, x : x + r]
-        flip = spec.xflip and bool(mix(self.ds.seed, self.slot, visit, offset, _SALT_FLIP) & 1)
         self.counters.good += 1
-        return _Sample(image, flip, label, caption, key)
+        return _Sample(image, label, caption, key)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -614,6 +604,40 @@ def _shared_uint8(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.uint8)
     storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+POOL_SLOT_KEY = "_pool_slot"  # a batch's buffer slot, from the worker to StreamLoader (never seen by users)
+POOL_SLOTS = 8  # batch buffers a worker recycles: prefetch_factor (4) + the trainer's current and next + spare
+
+
+class _BufferPool:
+    """Recycled shared-memory batch buffers of one worker.
+
+    A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker (a quarter of the
+    loader's CPU time at 256px). So each worker keeps `POOL_SLOTS` buffers and reuses one only when the trainer
+    has released it: `board` is a byte per slot in shared memory, set to 1 here when a batch leaves and back to 0
+    by the main process when the last tensor on that batch's memory is freed (`StreamLoader` registers the
+    finalizer). A batch is never overwritten while anything still holds it; when every slot is busy the batch
+    gets a fresh, unpooled buffer, so the worker never waits."""
+
+    def __init__(self, board: torch.Tensor, first: int) -> None:
+        self.flags = board.numpy()
+        self.first = first
+        self.buffers: list[torch.Tensor | None] = [None] * POOL_SLOTS
+
+    def acquire(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
+        """(buffer, board index) of a free slot, or (fresh buffer, None) when all are in use."""
+        for i, buf in enumerate(self.buffers):
+            if self.flags[self.first + i] == 0:
+                if buf is None or tuple(buf.shape) != shape:
+                    buf = self.buffers[i] = _shared_uint8(shape, in_worker=True)
+                self.flags[self.first + i] = 1
+                return buf, self.first + i
+        return _shared_uint8(shape, in_worker=True), None
+
+
+def _release_buffer(flags: np.ndarray, index: int) -> None:
+    flags[index] = 0
 
 
 class StreamDataset(IterableDataset):
@@ -670,6 +694,8 @@ class StreamDataset(IterableDataset):
         if len(self.positions) != self.slots_per_rank:
             raise ValueError(f"{len(self.positions)} positions for {self.slots_per_rank} slots per rank")
         self.rotation, self.num_batches = rotation, num_batches
+        # Set by StreamLoader for each pass over the workers (see `_BufferPool`); None = fresh buffers.
+        self.release_board: torch.Tensor | None = None
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -697,7 +723,7 @@ class StreamDataset(IterableDataset):
         if self.batch_size is None:
             for s in samples:
                 hwc = np.empty(s.image.shape, dtype=np.uint8)
-                _copy_image(hwc, s.image, s.flip)
+                hwc[...] = s.image
                 image = torch.from_numpy(hwc).permute(2, 0, 1)  # [C, H, W] view of HWC memory (channels_last)
                 yield {"image": image, "label": s.label, "caption": s.caption, "key": s.key, "stream": reader.report()}
         else:
@@ -714,43 +740,57 @@ class StreamDataset(IterableDataset):
         assert self.batch_size is not None
         b, n = self.batch_size, 0
         images: torch.Tensor | None = None
+        pool_slot: int | None = None
         view = np.empty(0, dtype=np.uint8)
         labels: list[int] = []
         captions: list[str] = []
         keys: list[str] = []
+        board = self.release_board if in_worker else None
+        pool = _BufferPool(board, (get_worker_info().id) * POOL_SLOTS) if board is not None else None
         for s in samples:
             if images is None:
-                images = _shared_uint8((b, *s.image.shape), in_worker)
+                shape = (b, *s.image.shape)
+                images, pool_slot = pool.acquire(shape) if pool is not None else (_shared_uint8(shape, in_worker), None)
                 view = images.numpy()
             if s.image.shape != images.shape[1:]:
                 # Without a resolution (inspection) sizes may differ; a batch needs one size.
                 raise DatasetError(
                     f"sample {s.key!r} is {s.image.shape[1]}x{s.image.shape[0]}: batching needs data.resolution"
                 )
-            _copy_image(view[len(keys)], s.image, s.flip)
+            view[len(keys)] = s.image
             labels.append(s.label)
             captions.append(s.caption)
             keys.append(s.key)
             if len(keys) == b:
-                yield self._batch(images, labels, captions, keys, reader)
+                yield self._batch(images, labels, captions, keys, reader, pool_slot)
                 n += 1
                 if quota is not None and n >= quota:
                     return
                 images, labels, captions, keys = None, [], [], []
         if keys and self.mode == "once" and images is not None:  # evaluation keeps the last, partial batch
-            yield self._batch(images[: len(keys)], labels, captions, keys, reader)
+            yield self._batch(images[: len(keys)], labels, captions, keys, reader, pool_slot)
 
     @staticmethod
     def _batch(
-        images: torch.Tensor, labels: list[int], captions: list[str], keys: list[str], reader: _SlotReader
+        images: torch.Tensor,
+        labels: list[int],
+        captions: list[str],
+        keys: list[str],
+        reader: _SlotReader,
+        pool_slot: int | None,
     ) -> dict[str, Any]:
-        return {
+        batch = {
             "image": images.permute(0, 3, 1, 2),  # [B, C, H, W], channels_last
-            "label": torch.tensor(labels, dtype=torch.int64),
+            # numpy, not a tensor: a tensor would cross to the trainer through a shared-memory segment of its own
+            # (one more allocation and file-descriptor hand-over per batch); StreamLoader makes it a tensor.
+            "label": np.array(labels, dtype=np.int64),
             "caption": captions,
             "key": keys,
             "stream": reader.report(),
         }
+        if pool_slot is not None:
+            batch[POOL_SLOT_KEY] = pool_slot  # StreamLoader pops it and releases the slot when the batch dies
+        return batch
 
 
 def _as_is(item: Any) -> Any:
@@ -773,11 +813,24 @@ class StreamLoader(DataLoader):
     dataset: StreamDataset
 
     def __iter__(self) -> Iterator[Any]:
-        it = super().__iter__()
+        board = None
+        if self.num_workers > 0:
+            # A new board per pass: a batch kept from an earlier pass can only ever release its own board's slot.
+            board = torch.zeros(self.num_workers * POOL_SLOTS, dtype=torch.uint8).share_memory_()
+        self.dataset.release_board = board
+        flags = board.numpy() if board is not None else None
+        it = super().__iter__()  # starts the workers, which take the board with the dataset
 
         def clean() -> Iterator[Any]:
             try:
-                yield from it
+                for item in it:
+                    if isinstance(item, dict) and isinstance(item.get("label"), np.ndarray):
+                        item["label"] = torch.from_numpy(item["label"])
+                    slot = item.pop(POOL_SLOT_KEY, None) if isinstance(item, dict) else None
+                    if slot is not None and board is not None:
+                        # Fires when the last tensor on the batch's memory is freed, wherever the trainer keeps it.
+                        weakref.finalize(item["image"].untyped_storage(), _release_buffer, flags, slot)
+                    yield item
             except DatasetError as e:
                 raise DatasetError(_worker_error_line(e)) from None
 

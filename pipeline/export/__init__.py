@@ -1,15 +1,18 @@
 """Pickle-free generator export: `generator.safetensors` (G_ema's tensors) + `generator.json` (how to rebuild it).
 
-`export_generator` reads a checkpoint (or a run dir's newest) and writes both files atomically;
-`load_generator` rebuilds the network from the JSON through the model registry and loads the tensors with
-safetensors, so loading never executes anything from the files.
+`export_generator` reads a checkpoint (or a run dir's newest) and `write_export` writes the folder, each file
+atomically; `ganpipe convert` writes the same folder through `write_export`. A folder may also hold the networks
+training needs (`NETWORK_FILES`: `discriminator.safetensors`, and `generator_train.safetensors` for the non-EMA G),
+listed in `generator.json`'s `networks`. `load_generator` rebuilds G_ema from the JSON through the model registry
+and `load_networks` reads any listed network; both load tensors with safetensors and strict key checks, so
+loading never executes anything from the files.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -28,6 +31,8 @@ FORMAT = "ganpipe-generator"
 VERSION = 1
 WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "generator.json"
+# Network name (as in checkpoints and NVIDIA's snapshots) -> its file in an export folder.
+NETWORK_FILES = {"G_ema": WEIGHTS_FILE, "D": "discriminator.safetensors", "G": "generator_train.safetensors"}
 
 
 @dataclass
@@ -42,6 +47,7 @@ class ExportedGenerator:
     img_channels: int
     kimg: float
     source_checkpoint: str | None
+    networks: list[str] = field(default_factory=lambda: ["G_ema"])  # which of NETWORK_FILES the folder holds
 
     def to_json(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "ganpipe_version": pipeline.__version__, **self.__dict__}
@@ -69,22 +75,42 @@ def export_generator(source: str, out_dir: str) -> ExportedGenerator:
         kimg=state["counters"]["cur_nimg"] / 1000,
         source_checkpoint=ckpt_url,
     )
-    # Rebuild and load before writing: an export that cannot be loaded back must fail here, not at generate time.
-    G = _build(meta)
-    G.load_state_dict(state["G_ema"])
-    tensors = {k: v.detach().contiguous().cpu() for k, v in G.state_dict().items()}
-
-    fs, path = fsspec.core.url_to_fs(out_dir)
-    fs.makedirs(path, exist_ok=True)
-    _write_atomic(f"{out_dir.rstrip('/')}/{WEIGHTS_FILE}", save_safetensors(tensors, metadata={"format": FORMAT}))
-    _write_atomic(f"{out_dir.rstrip('/')}/{META_FILE}", json.dumps(meta.to_json(), indent=2).encode())
+    write_export(out_dir, meta, {"G_ema": state["G_ema"]})
     return meta
 
 
-def _build(meta: ExportedGenerator) -> nn.Module:
+def write_export(out_dir: str, meta: ExportedGenerator, networks: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Write `networks` (name in NETWORK_FILES -> state dict; G_ema required) and generator.json to `out_dir`.
+
+    Every network is rebuilt from `meta` and loaded strictly before anything is written: an export that cannot
+    be loaded back must fail here, not at generate or train time. The JSON goes last, so a folder with a
+    generator.json is complete.
+    """
+    unknown = sorted(set(networks) - set(NETWORK_FILES))
+    if "G_ema" not in networks or unknown:
+        raise ExportError(f"an export holds G_ema and optionally D, G; got {sorted(networks)}")
+    payloads = {}
+    for name in [n for n in NETWORK_FILES if n in networks]:  # fixed order: G_ema, D, G
+        net = _build(meta, discriminator=(name == "D"))
+        try:
+            net.load_state_dict(networks[name], strict=True)
+        except RuntimeError as e:
+            raise ExportError(f"{name} does not match the model in generator.json ({str(e).splitlines()[0]})") from None
+        tensors = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
+        payloads[NETWORK_FILES[name]] = save_safetensors(tensors, metadata={"format": FORMAT, "network": name})
+    meta.networks = [n for n in NETWORK_FILES if n in networks]
+    fs, path = fsspec.core.url_to_fs(out_dir)
+    fs.makedirs(path, exist_ok=True)
+    for filename, data in payloads.items():
+        _write_atomic(f"{out_dir.rstrip('/')}/{filename}", data)
+    _write_atomic(f"{out_dir.rstrip('/')}/{META_FILE}", json.dumps(meta.to_json(), indent=2).encode())
+
+
+def _build(meta: ExportedGenerator, discriminator: bool = False) -> nn.Module:
     family = get_family(meta.family)
     cfg = config_from_dict({"family": meta.family, "model": meta.model, "data": {"resolution": meta.resolution}})
-    return family.build_generator(cfg.model, meta.resolution)
+    build = family.build_discriminator if discriminator else family.build_generator
+    return build(cfg.model, meta.resolution)
 
 
 def read_export_meta(export_dir: str) -> ExportedGenerator:
@@ -104,26 +130,45 @@ def read_export_meta(export_dir: str) -> ExportedGenerator:
     return ExportedGenerator(**{k: v for k, v in raw.items() if k in fields})
 
 
-def load_generator(export_dir: str, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild an exported generator in eval mode, with no unpickling."""
-    meta = read_export_meta(export_dir)
+def _load_network(export_dir: str, meta: ExportedGenerator, name: str) -> nn.Module:
     try:
-        G = _build(meta)
+        net = _build(meta, discriminator=(name == "D"))
     except (GanpipeError, KeyError) as e:
         raise ExportError(f"{export_dir!r}: generator.json describes a model this ganpipe cannot build ({e})") from None
-    url = f"{export_dir.rstrip('/')}/{WEIGHTS_FILE}"
+    url = f"{export_dir.rstrip('/')}/{NETWORK_FILES[name]}"
     try:
         with fsspec.open(url, "rb") as fh:
             tensors = load_safetensors(fh.read())
     except FileNotFoundError:
-        raise ExportError(f"{url!r} does not exist: re-run `ganpipe export`") from None
+        raise ExportError(f"{url!r} does not exist: re-run `ganpipe export` or `ganpipe convert`") from None
     except Exception as e:  # safetensors raises its own error type for corrupt headers
         raise ExportError(f"{url!r} is not a readable safetensors file ({e}): re-run `ganpipe export`") from None
     try:
-        G.load_state_dict(tensors, strict=True)
+        net.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ExportError(f"{url!r} does not match generator.json ({str(e).splitlines()[0]})") from None
-    return G.eval().requires_grad_(False).to(device)
+    return net
 
 
-__all__ = ["ExportedGenerator", "export_generator", "load_generator", "read_export_meta"]
+def load_generator(export_dir: str, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild an exported generator (G_ema) in eval mode, with no unpickling."""
+    meta = read_export_meta(export_dir)
+    return _load_network(export_dir, meta, "G_ema").eval().requires_grad_(False).to(device)
+
+
+def load_networks(export_dir: str) -> tuple[ExportedGenerator, dict[str, nn.Module]]:
+    """Every network the folder lists (G_ema, and D / G when written), on the CPU, as they were saved."""
+    meta = read_export_meta(export_dir)
+    names = [n for n in NETWORK_FILES if n in meta.networks]
+    return meta, {name: _load_network(export_dir, meta, name) for name in names}
+
+
+__all__ = [
+    "NETWORK_FILES",
+    "ExportedGenerator",
+    "export_generator",
+    "load_generator",
+    "load_networks",
+    "read_export_meta",
+    "write_export",
+]

@@ -5,6 +5,13 @@ block per resolution of two modulated 3x3 convs with per-pixel noise, and a 1x1 
 block per resolution from `img_resolution` down to 8, then an epilogue at 4x4 with minibatch-stddev, a conv,
 two fully connected layers and, for conditional models, a projection onto an embedding of c.
 
+Mixed precision (NVIDIA's recipe, StyleGAN2-ADA): with `num_fp16_res = k > 0`, the blocks of the k highest
+resolutions (but never below 8x8) compute their activations in float16 while parameters, the image (skip/toRGB)
+path, the mapping network and D's 4x4 epilogue stay float32; pair it with `conv_clamp: 256`, which clamps conv
+outputs so that float16 cannot overflow. No loss scaling is needed: parameter gradients are float32 and
+non-finite gradients are zeroed by the engine. `force_fp32=True` on G.synthesis / D runs every block in float32
+(the objective uses it for the R1 and path-length passes).
+
 Module and parameter names follow NVIDIA's public StyleGAN2-ADA layout (`mapping.fc0.weight`,
 `synthesis.b4.conv1.affine.weight`, `b4.mbstd`, ...) so that official weights convert with a key map.
 Nothing here knows about training; the objective lives in `pipeline.objectives.stylegan2`.
@@ -29,7 +36,7 @@ from pipeline.nn import (
     MinibatchStdLayer,
     normalize_2nd_moment,
 )
-from pipeline.ops import ACTIVATIONS, bias_act, downsample2d, modulated_conv2d, setup_filter, upsample2d
+from pipeline.ops import ACTIVATIONS, downsample2d, modulated_conv2d, setup_filter, upsample2d
 
 NoiseMode = Literal["random", "const", "none"]
 
@@ -56,11 +63,13 @@ class SynthesisConfig:
     channel_base: int = 32768  # channels at resolution r = min(channel_base // r, channel_max)
     channel_max: int = 512
     conv_clamp: float | None = None  # clamp conv outputs to +-conv_clamp (256 with fp16 layers)
+    num_fp16_res: int = 0  # float16 activations in this many highest resolutions (NVIDIA uses 4); 0 = float32
 
     def validate(self, prefix: str) -> None:
         require(self.channel_base >= 1, f"{prefix}.channel_base", self.channel_base, "must be >= 1")
         require(self.channel_max >= 1, f"{prefix}.channel_max", self.channel_max, "must be >= 1")
         require(self.conv_clamp is None or self.conv_clamp > 0, f"{prefix}.conv_clamp", self.conv_clamp, "must be > 0")
+        require(self.num_fp16_res >= 0, f"{prefix}.num_fp16_res", self.num_fp16_res, "must be an integer >= 0")
 
 
 @dataclass
@@ -72,8 +81,10 @@ class DiscriminatorConfig:
     mbstd_group_size: int = 4  # the batch per rank must be divisible by it
     mbstd_num_channels: int = 1
     cmap_dim: int | None = None  # dimension of the conditioning projection; null = channels at 4x4
+    num_fp16_res: int = 0  # float16 activations in this many highest resolutions (NVIDIA uses 4); 0 = float32
 
     def validate(self, prefix: str) -> None:
+        require(self.num_fp16_res >= 0, f"{prefix}.num_fp16_res", self.num_fp16_res, "must be an integer >= 0")
         require(self.channel_base >= 1, f"{prefix}.channel_base", self.channel_base, "must be >= 1")
         require(self.channel_max >= 1, f"{prefix}.channel_max", self.channel_max, "must be >= 1")
         require(self.mbstd_group_size >= 1, f"{prefix}.mbstd_group_size", self.mbstd_group_size, "must be >= 1")
@@ -99,6 +110,26 @@ class StyleGAN2Config:
         self.mapping.validate(f"{prefix}.mapping")
         self.synthesis.validate(f"{prefix}.synthesis")
         self.discriminator.validate(f"{prefix}.discriminator")
+
+    def validate_precision(self, prefix: str, precision: str) -> None:
+        """Per-layer float16 is its own precision recipe: under Lightning's autocast it would silently become
+        bfloat16, so the two are exclusive."""
+        for name, section in (("synthesis", self.synthesis), ("discriminator", self.discriminator)):
+            require(
+                section.num_fp16_res == 0 or precision == "32",
+                f"{prefix}.{name}.num_fp16_res",
+                section.num_fp16_res,
+                f"float16 layers need train.precision=32 (got {precision}); set {prefix}.{name}.num_fp16_res=0 "
+                "to use bf16-mixed",
+            )
+
+
+def fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
+    """Lowest resolution whose blocks run in float16: the top `num_fp16_res` resolutions, never below 8x8
+    (4x4 layers are cheap, and D's minibatch-std and fully connected head need float32's range)."""
+    if num_fp16_res <= 0:
+        return img_resolution * 2  # none
+    return max(2 ** (int(np.log2(img_resolution)) + 1 - num_fp16_res), 8)
 
 
 def _channels(resolution: int, channel_base: int, channel_max: int) -> int:
@@ -214,7 +245,7 @@ class SynthesisLayer(nn.Module):
             )
         elif self.use_noise and noise_mode == "const":
             noise = self.noise_const * self.noise_strength
-        x = modulated_conv2d(
+        return modulated_conv2d(
             x,
             self.weight,
             styles,
@@ -224,9 +255,11 @@ class SynthesisLayer(nn.Module):
             resample_filter=self.resample_filter,
             flip_weight=(self.up == 1),
             fused_modconv=fused_modconv,
+            bias=self.bias,
+            act=self.activation,
+            gain=self.act_gain * gain,
+            clamp=self.conv_clamp * gain if self.conv_clamp is not None else None,
         )
-        clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
-        return bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain, clamp=clamp)
 
 
 class ToRGBLayer(nn.Module):
@@ -244,8 +277,9 @@ class ToRGBLayer(nn.Module):
 
     def forward(self, x: Tensor, w: Tensor, fused_modconv: bool = True) -> Tensor:
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv)
-        return bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
+        return modulated_conv2d(
+            x, self.weight, styles, demodulate=False, fused_modconv=fused_modconv, bias=self.bias, clamp=self.conv_clamp
+        )
 
 
 class SynthesisBlock(nn.Module):
@@ -262,12 +296,14 @@ class SynthesisBlock(nn.Module):
         architecture: str = "skip",
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         conv_clamp: float | None = None,
+        use_fp16: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.resolution = resolution
         self.is_last = is_last
         self.architecture = architecture
+        self.use_fp16 = use_fp16
         self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
         self.num_conv = 0
         self.num_torgb = 0
@@ -294,14 +330,18 @@ class SynthesisBlock(nn.Module):
         ws: Tensor,
         noise_mode: NoiseMode = "random",
         fused_modconv: bool | None = None,
+        force_fp32: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         assert ws.shape[1] == self.num_conv + self.num_torgb, "wrong number of ws for this block"
         w_iter = iter(ws.unbind(dim=1))
+        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
         if fused_modconv is None:
             # Grouped convs are faster for inference; per-sample scaling is cheaper to differentiate in training.
             fused_modconv = not self.training
+        if x is not None:
+            x = x.to(dtype)
         if self.in_channels == 0:
-            x = self.const.to(ws.dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
+            x = self.const.to(dtype).unsqueeze(0).repeat([ws.shape[0], 1, 1, 1])
             x = self.conv1(x, next(w_iter), noise_mode=noise_mode, fused_modconv=fused_modconv)
         elif self.architecture == "resnet":
             y = self.skip(x, gain=math.sqrt(0.5))
@@ -315,7 +355,8 @@ class SynthesisBlock(nn.Module):
         if img is not None:
             img = upsample2d(img, self.resample_filter)
         if self.is_last or self.architecture == "skip":
-            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv)
+            # The image path stays float32 whatever the block's dtype: it is the sum of every block's output.
+            y = self.torgb(x, next(w_iter), fused_modconv=fused_modconv).to(torch.float32)
             img = img + y if img is not None else y
         return x, img
 
@@ -332,6 +373,7 @@ class SynthesisNetwork(nn.Module):
         channel_base: int = 32768,
         channel_max: int = 512,
         conv_clamp: float | None = None,
+        num_fp16_res: int = 0,
     ) -> None:
         super().__init__()
         assert img_resolution >= 4 and img_resolution & (img_resolution - 1) == 0
@@ -339,6 +381,7 @@ class SynthesisNetwork(nn.Module):
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.block_resolutions = [2**i for i in range(2, int(np.log2(img_resolution)) + 1)]
+        fp16_from = fp16_resolution(img_resolution, num_fp16_res)
         self.num_ws = 0
         for res in self.block_resolutions:
             in_channels = _channels(res // 2, channel_base, channel_max) if res > 4 else 0
@@ -351,12 +394,19 @@ class SynthesisNetwork(nn.Module):
                 is_last=(res == img_resolution),
                 architecture=architecture,
                 conv_clamp=conv_clamp,
+                use_fp16=res >= fp16_from,
             )
             # A block's toRGB shares its w with the next block's first conv, so only the last toRGB adds a w.
             self.num_ws += block.num_conv + (block.num_torgb if block.is_last else 0)
             setattr(self, f"b{res}", block)
 
-    def forward(self, ws: Tensor, noise_mode: NoiseMode = "random", fused_modconv: bool | None = None) -> Tensor:
+    def forward(
+        self,
+        ws: Tensor,
+        noise_mode: NoiseMode = "random",
+        fused_modconv: bool | None = None,
+        force_fp32: bool = False,
+    ) -> Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"expected ws [N, {self.num_ws}, {self.w_dim}]"
         )
@@ -366,7 +416,7 @@ class SynthesisNetwork(nn.Module):
             block: SynthesisBlock = getattr(self, f"b{res}")
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv
-            x, img = block(x, img, block_ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
+            x, img = block(x, img, block_ws, noise_mode=noise_mode, fused_modconv=fused_modconv, force_fp32=force_fp32)
         assert img is not None
         return img
 
@@ -389,6 +439,7 @@ class Generator(nn.Module):
             channel_base=s.channel_base,
             channel_max=s.channel_max,
             conv_clamp=s.conv_clamp,
+            num_fp16_res=s.num_fp16_res,
         )
         self.num_ws = self.synthesis.num_ws
         m = cfg.mapping
@@ -411,9 +462,10 @@ class Generator(nn.Module):
         update_emas: bool = False,
         noise_mode: NoiseMode = "random",
         fused_modconv: bool | None = None,
+        force_fp32: bool = False,
     ) -> Tensor:
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas=update_emas)
-        return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv)
+        return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv, force_fp32=force_fp32)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,11 +486,13 @@ class DiscriminatorBlock(nn.Module):
         activation: str = "lrelu",
         resample_filter: Sequence[float] = DEFAULT_RESAMPLE_FILTER,
         conv_clamp: float | None = None,
+        use_fp16: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.resolution = resolution
         self.architecture = architecture
+        self.use_fp16 = use_fp16
         self.register_buffer("resample_filter", setup_filter(list(resample_filter)))
         if in_channels == 0 or architecture == "skip":
             self.fromrgb = Conv2dLayer(img_channels, tmp_channels, 1, activation=activation, conv_clamp=conv_clamp)
@@ -455,10 +509,13 @@ class DiscriminatorBlock(nn.Module):
         if architecture == "resnet":
             self.skip = Conv2dLayer(tmp_channels, out_channels, 1, bias=False, down=2, resample_filter=resample_filter)
 
-    def forward(self, x: Tensor | None, img: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor | None, img: Tensor | None, force_fp32: bool = False) -> tuple[Tensor, Tensor | None]:
+        dtype = torch.float16 if self.use_fp16 and not force_fp32 else torch.float32
+        if x is not None:
+            x = x.to(dtype)
         if self.in_channels == 0 or self.architecture == "skip":
             assert img is not None
-            y = self.fromrgb(img)
+            y = self.fromrgb(img.to(dtype))  # the image itself stays float32 for the skip path's downsampling
             x = x + y if x is not None else y
             img = downsample2d(img, self.resample_filter) if self.architecture == "skip" else None
         assert x is not None
@@ -500,6 +557,7 @@ class DiscriminatorEpilogue(nn.Module):
         self.out = FullyConnectedLayer(in_channels, 1 if cmap_dim == 0 else cmap_dim)
 
     def forward(self, x: Tensor, img: Tensor | None, cmap: Tensor | None) -> Tensor:
+        x = x.to(torch.float32)  # the 4x4 head always runs in float32 (see `fp16_resolution`)
         if self.architecture == "skip":
             assert img is not None
             x = x + self.fromrgb(img)
@@ -527,6 +585,7 @@ class Discriminator(nn.Module):
         self.block_resolutions = [2**i for i in range(int(np.log2(img_resolution)), 2, -1)]
         channels = {r: _channels(r, d.channel_base, d.channel_max) for r in [*self.block_resolutions, 4]}
         cmap_dim = (d.cmap_dim if d.cmap_dim is not None else channels[4]) if cfg.c_dim > 0 else 0
+        fp16_from = fp16_resolution(img_resolution, d.num_fp16_res)
         for res in self.block_resolutions:
             block = DiscriminatorBlock(
                 channels[res] if res < img_resolution else 0,
@@ -536,6 +595,7 @@ class Discriminator(nn.Module):
                 img_channels=cfg.img_channels,
                 architecture=d.architecture,
                 conv_clamp=d.conv_clamp,
+                use_fp16=res >= fp16_from,
             )
             setattr(self, f"b{res}", block)
         if cfg.c_dim > 0:
@@ -558,15 +618,22 @@ class Discriminator(nn.Module):
             conv_clamp=d.conv_clamp,
         )
 
-    def forward(self, img: Tensor, c: Tensor | None) -> Tensor:
+    def forward(self, img: Tensor, c: Tensor | None, force_fp32: bool = False) -> Tensor:
         expected = (self.img_channels, self.img_resolution, self.img_resolution)
         assert img.ndim == 4 and img.shape[1:] == expected, f"expected images [N, {expected}], got {list(img.shape)}"
         x = None
         for res in self.block_resolutions:
-            x, img = getattr(self, f"b{res}")(x, img)
+            x, img = getattr(self, f"b{res}")(x, img, force_fp32=force_fp32)
         cmap = self.mapping(None, c) if self.c_dim > 0 else None
         assert x is not None
         return self.b4(x, img, cmap)
+
+    def freeze_order(self) -> list[nn.Module]:
+        """D's block layers from the input side, in the order NVIDIA's `--freezed=N` counts them (per block:
+        fromrgb, conv0, conv1, skip); freezing the first N of them is Freeze-D (Mo et al. 2020)."""
+        blocks = [getattr(self, f"b{res}") for res in self.block_resolutions]
+        names = ("fromrgb", "conv0", "conv1", "skip")
+        return [getattr(b, n) for b in blocks for n in names if getattr(b, n, None) is not None]
 
 
 def build_generator(cfg: StyleGAN2Config, img_resolution: int) -> Generator:

@@ -4,6 +4,10 @@ The engine runs the phases in order; a phase runs on steps where `step % interva
 parameters of its network (`net`) and backpropagates the returned loss, which already carries the lazy
 regularization gain (the interval). State an objective must carry across steps (e.g. the path-length mean) is a
 buffer, so it is checkpointed with the objective's state_dict.
+
+Augmentation (`PhaseInputs.augment`, owned and checkpointed by the engine): every image D sees, real or fake, in
+every phase, goes through it first; the objective reports D's logits on reals to it
+(`augment.observe_real_logits`), which is what drives ADA's p.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from torch import Tensor, nn
+
+from pipeline.augment import Augment
 
 Net = Literal["G", "D"]
 
@@ -26,12 +32,14 @@ class Phase:
 
 @dataclass
 class PhaseInputs:
-    """One phase's data: real images in [-1, 1] with their conditioning, and latents for fakes."""
+    """One phase's data: real images in [-1, 1] with their conditioning, latents for fakes, and the
+    differentiable augmentation that D's inputs go through (None = none)."""
 
     real_img: Tensor
     real_c: Tensor | None
     gen_z: Tensor
     gen_c: Tensor | None
+    augment: Augment | None = None
 
 
 class Objective(nn.Module, abc.ABC):

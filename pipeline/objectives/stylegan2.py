@@ -4,6 +4,14 @@ Phases per step (Karras et al. 2020, Appendix B): Gmain every step; Greg every `
 batch shrunk by `pl_batch_shrink`; Dmain every step; Dreg (R1) every `d_reg_interval` steps. Lazy penalties are
 scaled by their interval, and the optimizers' lr and betas are corrected by interval / (interval + 1) (the
 engine asks `reg_interval`). Style mixing regularization feeds two latents to G with a random crossover layer.
+
+Augmentation as in StyleGAN2-ADA: D always sees augmented images (Gmain fakes, Dmain fakes and reals, and the
+reals of R1, whose gradient is taken with respect to the images before augmentation). D's logits on reals
+(Dmain and R1 passes) are reported to the augmentation for ADA's r_t.
+
+Mixed precision: R1 and path-length passes run G and D with `force_fp32=True`, i.e. without the float16 layers
+of `num_fp16_res`, and the penalties are reduced in float32: they square gradients, which float16 can neither
+hold (overflow) nor resolve (underflow). Main passes use the networks' own precision.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.augment import Augment
 from pipeline.errors import require
 from pipeline.objectives.base import Net, Objective, Phase, PhaseInputs
 from pipeline.objectives.regularizers import PathLengthRegularizer, r1_penalty
@@ -77,7 +86,9 @@ class StyleGAN2Objective(Objective):
     # ------------------------------------------------------------------------------------------------------------
     # Forward passes
 
-    def run_G(self, G: nn.Module, z: Tensor, c: Tensor | None, update_emas: bool = False) -> tuple[Tensor, Tensor]:
+    def run_G(
+        self, G: nn.Module, z: Tensor, c: Tensor | None, update_emas: bool = False, force_fp32: bool = False
+    ) -> tuple[Tensor, Tensor]:
         ws = G.mapping(z, c, update_emas=update_emas)
         if self.cfg.style_mixing_prob > 0:
             # One crossover layer per batch; with probability 1 - p it is num_ws, i.e. no layer is swapped.
@@ -88,7 +99,14 @@ class StyleGAN2Objective(Objective):
             ws_mix = G.mapping(torch.randn_like(z), c, update_emas=False)
             layer = torch.arange(num_ws, device=ws.device)[None, :, None]
             ws = torch.where(layer < cutoff, ws, ws_mix)
-        return G.synthesis(ws), ws
+        return G.synthesis(ws, force_fp32=force_fp32), ws
+
+    def run_D(
+        self, D: nn.Module, img: Tensor, c: Tensor | None, augment: Augment | None, force_fp32: bool = False
+    ) -> Tensor:
+        if augment is not None:
+            img = augment(img)
+        return D(img, c, force_fp32=force_fp32)
 
     # ------------------------------------------------------------------------------------------------------------
     # Losses
@@ -101,7 +119,7 @@ class StyleGAN2Objective(Objective):
 
         if phase.name == "Gmain":
             gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c)
-            gen_logits = D(gen_img, inputs.gen_c)
+            gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment)
             loss = F.softplus(-gen_logits).mean()  # -log(sigmoid(D(G(z))))
             stats["Loss/scores/fake_G"] = gen_logits.detach().mean()
             stats["Loss/G/loss"] = loss.detach()
@@ -109,7 +127,8 @@ class StyleGAN2Objective(Objective):
 
         if phase.name == "Greg":
             n = max(inputs.gen_z.shape[0] // self.cfg.pl_batch_shrink, 1)
-            gen_img, gen_ws = self.run_G(G, inputs.gen_z[:n], inputs.gen_c[:n] if inputs.gen_c is not None else None)
+            gen_c = inputs.gen_c[:n] if inputs.gen_c is not None else None
+            gen_img, gen_ws = self.run_G(G, inputs.gen_z[:n], gen_c, force_fp32=True)
             penalty, lengths = self.path_length(gen_img, gen_ws)
             loss = penalty.mean() * self.cfg.pl_weight
             stats["Loss/pl_penalty"] = penalty.detach().mean()
@@ -124,11 +143,14 @@ class StyleGAN2Objective(Objective):
             if phase.name in ("Dmain", "Dboth"):
                 with torch.no_grad():
                     gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c, update_emas=True)
-                gen_logits = D(gen_img, inputs.gen_c)
+                gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment)
                 loss = loss + F.softplus(gen_logits).mean()  # -log(1 - sigmoid(D(G(z))))
                 stats["Loss/scores/fake"] = gen_logits.detach().mean()
-            real_img = inputs.real_img.detach().requires_grad_(phase.name != "Dmain")
-            real_logits = D(real_img, inputs.real_c)
+            regularize = phase.name != "Dmain"
+            real_img = inputs.real_img.detach().requires_grad_(regularize)
+            real_logits = self.run_D(D, real_img, inputs.real_c, inputs.augment, force_fp32=regularize)
+            if inputs.augment is not None:
+                inputs.augment.observe_real_logits(real_logits)
             if phase.name in ("Dmain", "Dboth"):
                 loss = loss + F.softplus(-real_logits).mean()  # -log(sigmoid(D(x)))
                 stats["Loss/scores/real"] = real_logits.detach().mean()

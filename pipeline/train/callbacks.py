@@ -1,4 +1,9 @@
-"""Callbacks driven by images shown (kimg), not steps: periodic checkpoints and sample grids. Rank 0 writes."""
+"""Callbacks driven by images shown (kimg), not steps: periodic checkpoints and sample grids. Rank 0 writes.
+
+Every rank runs every hook (the checkpoint's state is gathered with collectives), and only rank 0 touches the
+run dir. After a preemption stop (`task.preempted`), end-of-training extras (the last sample grid) are skipped so
+the job leaves before Slurm's kill.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,13 @@ import lightning as L
 import torch
 
 from pipeline.imaging import save_image_grid
-from pipeline.train.checkpoint import checkpoint_dir, checkpoint_name, prune_checkpoints, save_checkpoint
+from pipeline.train.checkpoint import (
+    checkpoint_dir,
+    checkpoint_name,
+    clean_stale_temporaries,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from pipeline.train.task import GANTask
 
 log = logging.getLogger(__name__)
@@ -31,6 +42,9 @@ class KimgCheckpoint(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, task: GANTask) -> None:
         self._prev_nimg = self._saved_nimg = task.cur_nimg
+        if trainer.is_global_zero:
+            # Leftovers of writes killed in an earlier job; no other writer runs now (rank 0 is the only one).
+            clean_stale_temporaries(self.run_dir)
 
     def on_train_batch_end(self, trainer: L.Trainer, task: GANTask, *args: Any) -> None:
         if crossed(self._prev_nimg, task.cur_nimg, self.every_kimg):
@@ -38,6 +52,10 @@ class KimgCheckpoint(L.Callback):
         self._prev_nimg = task.cur_nimg
 
     def on_train_end(self, trainer: L.Trainer, task: GANTask) -> None:
+        self.save_once(trainer, task)
+
+    def save_once(self, trainer: L.Trainer, task: GANTask) -> None:
+        """Save unless a checkpoint at this image count exists already (same answer on every rank)."""
         if self._saved_nimg != task.cur_nimg:
             self.save(trainer, task)
 
@@ -77,7 +95,7 @@ class SampleGrid(L.Callback):
         self._prev_nimg = task.cur_nimg
 
     def on_train_end(self, trainer: L.Trainer, task: GANTask) -> None:
-        if self._written_nimg != task.cur_nimg:
+        if self._written_nimg != task.cur_nimg and not task.preempted:
             self.write_fakes(trainer, task)
 
     def _grid(self, n: int) -> tuple[int, int]:

@@ -81,7 +81,8 @@ class EvalCallback(L.Callback):
         self._prev_nimg = task.cur_nimg
 
     def on_train_end(self, trainer: L.Trainer, task: GANTask) -> None:
-        if self._evaluated_nimg != task.cur_nimg:
+        # After a preemption stop the job has seconds before Slurm kills it: the resumed run evaluates later.
+        if self._evaluated_nimg != task.cur_nimg and not task.preempted:
             self.run(trainer, task)
 
     def run(self, trainer: L.Trainer, task: GANTask) -> dict[str, float]:

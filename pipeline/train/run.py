@@ -4,26 +4,41 @@
 checkpoint in the run dir (or starts fresh when there is none); with a path it continues from that checkpoint.
 Training stops when `train.total_kimg` thousand images have been shown, so a resumed run can be extended by
 raising `total_kimg`.
+
+Several processes (`train.devices` x `train.num_nodes` ranks): every rank runs `train()`. Under `srun` the ranks
+come from Slurm (Lightning's SLURMEnvironment, master port derived from the job id); elsewhere Lightning launches
+the local processes itself (or joins torchrun's). Gradient sync is `pipeline.train.distributed.GANStrategy`.
+Before the process group exists, only rank 0 writes (config.yaml, the wandb run id) and the synthetic dataset is
+made under a file lock; checkpoints, sample grids and logs are written by rank 0 only. A pre-timeout signal or
+SIGTERM stops training at the next step with a checkpoint (`pipeline.train.preemption`); after the pre-timeout
+signal rank 0 requeues the Slurm job, which continues with `--resume auto`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
 import lightning as L
 import torch
+from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from pipeline.config import Config, to_yaml
 from pipeline.data import StreamOptions, build_train_stream, ensure_synthetic_dataset, read_manifest
 from pipeline.errors import ConfigError
+from pipeline.ops._dispatch import ENV_VAR as OPS_ENV_VAR
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
 from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
+from pipeline.train.distributed import GANStrategy, is_global_zero_from_env, slurm_environment
+from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
 from pipeline.train.task import GANTask
 
 log = logging.getLogger(__name__)
@@ -34,6 +49,8 @@ class TrainResult:
     run_dir: str
     checkpoint: str | None
     kimg: float
+    preempted: bool = False  # stopped early by a pre-timeout signal or SIGTERM (with a checkpoint)
+    requeued: bool = False  # ... and the Slurm job was requeued to continue
 
 
 def dataset_url(cfg: Config) -> str:
@@ -41,7 +58,11 @@ def dataset_url(cfg: Config) -> str:
     d = cfg.data
     if d.url:
         return d.url
-    return ensure_synthetic_dataset(d.resolved_cache_dir(), n=d.synth.n, resolution=d.resolution, seed=d.synth.seed)
+    cache = d.resolved_cache_dir()
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    # Every rank of a job gets here at once; one writes the dataset while the others wait, then reuse it.
+    with FileLock(os.path.join(cache, ".synthetic.lock")):
+        return ensure_synthetic_dataset(cache, n=d.synth.n, resolution=d.resolution, seed=d.synth.seed)
 
 
 def check_dataset_fits(cfg: Config, url: str) -> None:
@@ -108,7 +129,8 @@ def _loggers(cfg: Config) -> list[Logger]:
         loggers.append(CSVLogger(save_dir=cfg.run_dir, name="logs", version=""))
     w = cfg.logger.wandb
     if w.project:
-        run_id = _wandb_run_id(cfg.run_dir)
+        # Only rank 0 logs to wandb; the others must not race it to create the id file.
+        run_id = _wandb_run_id(cfg.run_dir) if is_global_zero_from_env() else None
         loggers.append(
             WandbLogger(
                 project=w.project, entity=w.entity, name=w.name, save_dir=cfg.run_dir, id=run_id, resume="allow"
@@ -126,6 +148,7 @@ def _wandb_run_id(run_dir: str) -> str:
     if fs.exists(path):
         return fs.cat_file(path).decode().strip()
     run_id = wandb.util.generate_id()
+    fs.makedirs(fs._parent(path), exist_ok=True)
     fs.pipe_file(path, run_id.encode())
     return run_id
 
@@ -160,11 +183,23 @@ def _check_compatible(cfg: Config, state: dict[str, Any], url: str) -> None:
 
 
 def build_trainer(cfg: Config, callbacks: list[L.Callback]) -> L.Trainer:
-    steps_per_log = max(1, round(cfg.train.log_every_kimg * 1000 / cfg.data.batch_size))
+    t = cfg.train
+    steps_per_log = max(1, round(t.log_every_kimg * 1000 / cfg.data.batch_size))
+    plugins: list[Any] = []
+    env = slurm_environment()
+    if env is not None:
+        plugins.append(env)
+    strategy: Any = "auto"
+    if t.devices * t.num_nodes > 1:
+        strategy = GANStrategy(process_group_backend=None if t.backend == "auto" else t.backend)
     return L.Trainer(
-        accelerator=cfg.train.accelerator,
-        devices=cfg.train.devices,
-        precision=cfg.train.precision,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=strategy,
+        plugins=plugins or None,
+        sync_batchnorm=t.sync_batchnorm and t.devices * t.num_nodes > 1,
+        precision=t.precision,
         max_epochs=1,  # one pass over a finite stream sized to reach total_kimg
         logger=_loggers(cfg) or False,
         callbacks=callbacks,
@@ -179,16 +214,36 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback]) -> L.Trainer:
 
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
     """Train `cfg` to `cfg.train.total_kimg`; see the module docstring for `resume`."""
-    if cfg.ops.impl != "auto":
-        os.environ["GANPIPE_OPS_IMPL"] = cfg.ops.impl  # read by every op; inherited by DataLoader workers
+    with _ops_impl(cfg.ops.impl):
+        return _train(cfg, resume)
+
+
+@contextlib.contextmanager
+def _ops_impl(impl: str) -> Iterator[None]:
+    """`ops.impl` as GANPIPE_OPS_IMPL (read by every op, inherited by DataLoader workers) while training runs;
+    the caller's value is restored afterwards. 'auto' leaves the environment alone."""
+    previous = os.environ.get(OPS_ENV_VAR)
+    if impl != "auto":
+        os.environ[OPS_ENV_VAR] = impl
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(OPS_ENV_VAR, None)
+        else:
+            os.environ[OPS_ENV_VAR] = previous
+
+
+def _train(cfg: Config, resume: str | None) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     url = dataset_url(cfg)
     check_dataset_fits(cfg, url)
     ckpt_url, state = _load_resume_state(cfg, resume)
 
-    fs, run_path = fsspec.core.url_to_fs(cfg.run_dir)
-    fs.makedirs(run_path, exist_ok=True)
-    fs.pipe_file(f"{run_path}/config.yaml", to_yaml(cfg).encode())
+    if is_global_zero_from_env():
+        fs, run_path = fsspec.core.url_to_fs(cfg.run_dir)
+        fs.makedirs(run_path, exist_ok=True)
+        fs.pipe_file(f"{run_path}/config.yaml", to_yaml(cfg).encode())
 
     task = GANTask(cfg)
     if state is not None:
@@ -196,6 +251,10 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         _check_compatible(cfg, state, ckpt_url)
         task.load_training_state(state)
         log.info("resuming from %s at %.1f kimg", ckpt_url, task.cur_nimg / 1000)
+    elif cfg.init:
+        from pipeline.export.init import init_networks  # late: pipeline.export itself imports pipeline.train
+
+        init_networks(cfg.init, cfg.to_dict()["model"], cfg.data.resolution, task.G, task.G_ema, task.D)
 
     if task.cur_nimg >= cfg.train.total_nimg:
         log.info(
@@ -204,15 +263,22 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
         return TrainResult(cfg.run_dir, ckpt_url, task.cur_nimg / 1000)
 
     t = cfg.train
+    checkpointer = KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last)
     callbacks: list[L.Callback] = [
-        KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last),
+        checkpointer,
         SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
     ]
     if cfg.eval.metrics:
         from pipeline.train.eval_callback import EvalCallback  # late: metrics pull in torch-fidelity and scipy
 
         callbacks.append(EvalCallback(cfg, url))
+    # Last: a checkpoint already due at this step is not written twice.
+    preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal)
+    callbacks.append(preemption)
     trainer = build_trainer(cfg, callbacks)
     trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
     checkpoints = list_checkpoints(cfg.run_dir)
-    return TrainResult(cfg.run_dir, checkpoints[-1] if checkpoints else None, task.cur_nimg / 1000)
+    requeued = requeue_if_requested(preemption, trainer.is_global_zero)
+    return TrainResult(
+        cfg.run_dir, checkpoints[-1] if checkpoints else None, task.cur_nimg / 1000, task.preempted, requeued
+    )

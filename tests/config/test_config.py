@@ -35,6 +35,10 @@ def test_overrides_win_and_are_typed() -> None:
         ("data.batch_size=abc", "data.batch_size"),
         ("model.synthesis.architecture=dense", "model.synthesis.architecture"),
         ("optim.betas=[0.5,1.5]", "optim.betas"),
+        ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0"),
+        ("data.crop=left", "data.crop"),
+        ("data.retries=0", "data.retries"),
+        ("data.block_size=16", "data.block_size"),
     ],
 )
 def test_invalid_values_name_the_key(override: str, expected: str) -> None:
@@ -46,7 +50,12 @@ def test_invalid_values_name_the_key(override: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("override", "suggestion"),
-    [("data.batchsize=8", "data.batch_size"), ("loss.r1_gama=1", "loss.r1_gamma"), ("trian.total_kimg=1", "train")],
+    [
+        ("data.batchsize=8", "data.batch_size"),
+        ("data.shufle_buffer=8", "data.shuffle_buffer"),
+        ("loss.r1_gama=1", "loss.r1_gamma"),
+        ("trian.total_kimg=1", "train"),
+    ],
 )
 def test_unknown_keys_suggest_the_closest(override: str, suggestion: str) -> None:
     with pytest.raises(ConfigError) as err:

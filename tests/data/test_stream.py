@@ -103,9 +103,9 @@ def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = stream.decode_array
 
-    def counting(data: bytes, channels: int) -> np.ndarray:
+    def counting(data: bytes, channels: int, flip: bool = False) -> np.ndarray:
         calls.append(1)
-        return real(data, channels)
+        return real(data, channels, flip)
 
     monkeypatch.setattr(stream, "decode_array", counting)
     return calls
@@ -208,6 +208,34 @@ def test_worker_memory_stays_flat(shards: str) -> None:
     tracemalloc.stop()
     # Bounded state fluctuates by tens of KiB; a leak of 8 bytes per sample would add 64 KiB here.
     assert grown < 48 * 1024, grown
+
+
+def test_recycled_worker_buffers_never_overwrite_a_held_batch(shards: str) -> None:
+    """Workers recycle their shared-memory batch buffers (POOL_SLOTS each) only after the trainer released them:
+    batches kept alive stay intact while the stream goes on far past the pool size, and releasing them frees
+    their slots for reuse."""
+    import gc
+
+    from pipeline.data.stream import POOL_SLOT_KEY, POOL_SLOTS
+
+    truth = ShardDataset(shards)
+    loader = make_loader(StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=2,
+                                       num_batches=6 * POOL_SLOTS), pin_memory=False)  # fmt: skip
+    held, seen = [], 0
+    for i, batch in enumerate(loader):
+        assert POOL_SLOT_KEY not in batch
+        seen += 1
+        if i % 3 == 0:
+            held.append(batch)  # kept for the whole stream: its buffer must never be handed out again
+    board = loader.dataset.release_board
+    assert seen == 6 * POOL_SLOTS and board is not None
+    for batch in held:
+        for j, key in enumerate(batch["key"]):
+            assert torch.equal(batch["image"][j], truth[int(key)]["image"]), key
+    assert int(board.sum()) >= 1  # the held batches still own their slots
+    del batch, held
+    gc.collect()
+    assert int(board.sum()) == 0
 
 
 def test_monitor_counts_and_positions(shards: str) -> None:

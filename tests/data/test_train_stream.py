@@ -55,10 +55,9 @@ def test_too_many_bad_samples_stop_training_and_keep_checkpoints(make_config, tm
         "train.checkpoint_every_kimg=0.008",
         "train.log_every_kimg=0.008",
         "logger.csv=true",
+        "data.max_bad_fraction=0.2",
+        "data.bad_check_min_samples=8",
     )
-    # Not in DataConfig yet: StreamOptions.from_config reads them from the section when present.
-    cfg.data.max_bad_fraction = 0.2
-    cfg.data.bad_check_min_samples = 8
     train(make_config(f"data.url={url}", f"run_dir={cfg.run_dir}", "train.total_kimg=0.008"))
     for shard in ("shard-000001.tar", "shard-000003.tar"):
         (url / shard).write_bytes(b"\0" * 100)  # not a tar any more: every sample in it is lost

@@ -1,0 +1,432 @@
+"""NVIDIA network pickles -> ganpipe StyleGAN2, without running any code from the pickle.
+
+Reads the `network-snapshot-*.pkl` files of NVIDIA's StyleGAN2-ADA (PyTorch) and StyleGAN3 (with
+`--cfg=stylegan2`) repositories: a dict with `G`, `D`, `G_ema` (and `augment_pipe`, `training_set_kwargs`).
+Each network in such a pickle is a "persistent object": its reduce step names
+`torch_utils.persistence._reconstruct_persistent_obj` with a dict holding the Python source of the network's
+module (`module_src`), the class name and the module's `__dict__` (parameters, buffers, submodules and the
+attributes set in `__init__`, including the constructor kwargs).
+
+Contract:
+- `read_nvlabs_pickle` unpickles with an allow-list (`ALLOWED_GLOBALS`): tensor and storage rebuilders (storages
+  go through `torch.load(weights_only=True)`), `collections.OrderedDict`, `set`/`frozenset`, numpy scalars,
+  dtypes and arrays, and NVIDIA's two names mapped to inert stand-ins (`PersistentObject`, `EasyDictStandIn`)
+  that keep data and never execute `module_src`. Any other global stops the load with a `ConvertError` naming it.
+- `convert_nvlabs` maps the networks' hyperparameters to a `StyleGAN2Config`, rebuilds our G (and D) and loads
+  the tensors with strict key and shape checks, so a network that does not fit fails here with one line.
+- The result is written by `pipeline.export.write_export` (`generator.safetensors` = G_ema, plus
+  `discriminator.safetensors` and `generator_train.safetensors` = the non-EMA G when asked for).
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import collections
+import io
+import os
+import pickle
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import fsspec
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.config import config_from_dict
+from pipeline.errors import ExportError, GanpipeError
+from pipeline.export import ExportedGenerator, write_export
+from pipeline.models import get_family
+
+FAMILY = "stylegan2"
+
+
+class ConvertError(ExportError):
+    """A foreign checkpoint cannot be read safely or does not map to a ganpipe network."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inert stand-ins for NVIDIA's own classes
+
+
+@dataclass
+class PersistentObject:
+    """What `_reconstruct_persistent_obj(meta)` would have rebuilt, kept as data: the class name and the object's
+    `__dict__`. The embedded module source is only measured, never compiled or run."""
+
+    class_name: str
+    version: int | None
+    state: dict[str, Any]
+    module_src_chars: int = 0
+
+    def child(self, name: str) -> PersistentObject | None:
+        modules = self.state.get("_modules") or {}
+        sub = modules.get(name)
+        if sub is not None and not isinstance(sub, PersistentObject):
+            raise ConvertError(f"submodule {name!r} of {self.class_name} is a {type(sub).__name__}, not a network")
+        return sub
+
+    def require_child(self, name: str) -> PersistentObject:
+        sub = self.child(name)
+        if sub is None:
+            raise ConvertError(f"{self.class_name} has no submodule {name!r}: not a StyleGAN2 network")
+        return sub
+
+    def attr(self, name: str, default: Any = ...) -> Any:
+        if name in self.state:
+            return self.state[name]
+        if default is ...:
+            raise ConvertError(f"{self.class_name} has no attribute {name!r}: not a StyleGAN2 network")
+        return default
+
+    def init_kwargs(self) -> dict[str, Any]:
+        return _plain(self.state.get("_init_kwargs") or {})
+
+
+class EasyDictStandIn(dict):
+    """`dnnlib.util.EasyDict` is a dict with attribute access; as data a plain dict subclass is all it needs."""
+
+
+def _reconstruct_persistent_obj(meta: Any) -> PersistentObject:
+    if not isinstance(meta, dict) or meta.get("type") != "class":
+        raise ConvertError("a persistent object in the pickle has unknown metadata (expected type='class')")
+    class_name, state = meta.get("class_name"), meta.get("state")
+    if not isinstance(class_name, str) or not isinstance(state, dict):
+        raise ConvertError("a persistent object in the pickle lacks its class name or state")
+    src = meta.get("module_src")
+    return PersistentObject(class_name, meta.get("version"), dict(state), len(src) if isinstance(src, str) else 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensor and numpy rebuilders (data only)
+
+
+def _rebuild_tensor(storage: Any, storage_offset: int, size: Any, stride: Any, *_: Any) -> Tensor:
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise ConvertError(f"a tensor in the pickle is built on a {type(storage).__name__}, not a storage")
+    return torch._utils._rebuild_tensor(storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data: Any, *_: Any) -> Tensor:
+    # Parameters become plain tensors: only their values are needed, and no hooks or state are restored.
+    if not isinstance(data, Tensor):
+        raise ConvertError(f"a parameter in the pickle holds a {type(data).__name__}, not a tensor")
+    return data.detach()
+
+
+def _load_storage(payload: Any) -> Any:
+    # Plain pickling of a torch storage embeds a `torch.save` of it; torch's own weights-only loader reads that.
+    if not isinstance(payload, (bytes, bytearray)):
+        raise ConvertError("a tensor storage in the pickle is not stored as bytes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TypedStorage deprecation notices are about torch internals, not the user
+        storage = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    if not isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)):
+        raise ConvertError(f"a tensor storage in the pickle decodes to a {type(storage).__name__}")
+    return storage
+
+
+def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+        raise ConvertError("a numpy scalar in the pickle is not a plain number")
+    return np.frombuffer(bytes(data), dtype=dtype)[0].item()
+
+
+def _numpy_reconstruct(subtype: Any, shape: Any, dtype_code: Any) -> np.ndarray:
+    if subtype is not np.ndarray:
+        raise ConvertError(f"a numpy array in the pickle has subtype {subtype!r}")
+    return np.ndarray.__new__(np.ndarray, shape, dtype_code)
+
+
+ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage,
+    ("numpy", "dtype"): np.dtype,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
+    ("dnnlib.util", "EasyDict"): EasyDictStandIn,
+    ("dnnlib", "EasyDict"): EasyDictStandIn,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only `ALLOWED_GLOBALS`; every other class or function named by the pickle is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        # Protocol 0-2 pickles spell some globals the Python 2 way (`__builtin__.set`): translate like pickle does.
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            pass
+        hint = ""
+        if module.startswith("dnnlib.tflib") or module.startswith("tensorflow"):
+            hint = " (a TensorFlow-era pickle: only PyTorch StyleGAN2-ADA / StyleGAN3 snapshots convert)"
+        raise ConvertError(f"the pickle names {module}.{name}, which is not on the converter's allow-list{hint}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ConvertError("the pickle uses persistent ids (a torch.save file?): pass an NVIDIA network snapshot")
+
+
+def _plain(obj: Any) -> Any:
+    """EasyDicts and OrderedDicts to plain dicts, tuples to lists (JSON-friendly kwargs)."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def read_nvlabs_pickle(url: str) -> dict[str, Any]:
+    """Unpickle an NVIDIA snapshot with `RestrictedUnpickler`; returns its top-level dict."""
+    try:
+        with fsspec.open(url, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise ConvertError(f"{url!r} does not exist: pass an NVIDIA network-snapshot .pkl") from None
+    try:
+        snapshot = RestrictedUnpickler(io.BytesIO(data)).load()
+    except GanpipeError:
+        raise
+    except Exception as e:  # truncated or non-pickle files raise many types (UnpicklingError, EOFError, ...)
+        raise ConvertError(f"{url!r} is not a readable pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(snapshot, dict) or not any(isinstance(snapshot.get(k), PersistentObject) for k in ("G_ema", "G")):
+        raise ConvertError(f"{url!r} is not an NVIDIA network snapshot (expected a dict with 'G_ema', 'G', 'D')")
+    return snapshot
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+def state_dict_of(obj: PersistentObject, prefix: str = "") -> dict[str, Tensor]:
+    """The tensors `nn.Module.state_dict()` would give: parameters, persistent buffers, then submodules."""
+    out: dict[str, Tensor] = {}
+    skip = set(obj.state.get("_non_persistent_buffers_set") or ())
+    for kind in ("_parameters", "_buffers"):
+        for name, t in (obj.state.get(kind) or {}).items():
+            if t is None or (kind == "_buffers" and name in skip):
+                continue
+            if not isinstance(t, Tensor):
+                raise ConvertError(f"{prefix}{name} in the pickle is a {type(t).__name__}, not a tensor")
+            out[f"{prefix}{name}"] = t
+    for name, sub in (obj.state.get("_modules") or {}).items():
+        if sub is None:
+            continue
+        if not isinstance(sub, PersistentObject):
+            raise ConvertError(f"{prefix}{name} in the pickle is a {type(sub).__name__}, not one of NVIDIA's networks")
+        out.update(state_dict_of(sub, f"{prefix}{name}."))
+    return out
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ConvertError(f"the network uses {what}, which ganpipe's StyleGAN2 does not have")
+
+
+def _check_activation(layer: PersistentObject, name: str) -> None:
+    act = layer.attr("activation", "lrelu")
+    _require(act == "lrelu", f"activation {act!r} in {name}")
+
+
+def _channel_kwargs(kwargs: dict[str, Any]) -> tuple[int, int]:
+    return int(kwargs.get("channel_base", 32768)), int(kwargs.get("channel_max", 512))
+
+
+def generator_hparams(G: PersistentObject) -> tuple[dict[str, Any], int, int]:
+    """(model dict without the discriminator section, resolution, num_fp16_res) of an NVIDIA StyleGAN2 G."""
+    if G.class_name != "Generator":
+        raise ConvertError(f"'G_ema' is a {G.class_name}, not a Generator")
+    synthesis, mapping = G.require_child("synthesis"), G.require_child("mapping")
+    if synthesis.child("b4") is None:
+        raise ConvertError("this is a StyleGAN3 (alias-free) generator: only StyleGAN2-config networks convert")
+    kwargs = G.init_kwargs()
+    # StyleGAN2-ADA nests the synthesis kwargs; StyleGAN3's StyleGAN2 generator takes them at the top level.
+    synthesis_kwargs = {**kwargs, **kwargs.get("synthesis_kwargs", {})}
+    channel_base, channel_max = _channel_kwargs(synthesis_kwargs)
+    resolution = int(G.attr("img_resolution"))
+    b4 = synthesis.require_child("b4")
+    conv = b4.require_child("conv1")
+    _check_activation(conv, "synthesis.b4.conv1")
+    _require(bool(conv.attr("use_noise", True)), "synthesis layers without noise inputs")
+    fc0 = mapping.require_child("fc0")
+    _check_activation(fc0, "mapping.fc0")
+    blocks = [synthesis.require_child(f"b{2**i}") for i in range(2, resolution.bit_length())]
+    model = {
+        "z_dim": int(G.attr("z_dim")),
+        "w_dim": int(G.attr("w_dim")),
+        "c_dim": int(G.attr("c_dim")),
+        "img_channels": int(G.attr("img_channels")),
+        "mapping": {
+            "num_layers": int(mapping.attr("num_layers")),
+            "lr_multiplier": float(fc0.attr("bias_gain")),  # NVIDIA stores lr_multiplier as the bias gain
+            "w_avg_beta": float(mapping.attr("w_avg_beta")),
+        },
+        "synthesis": {
+            "architecture": str(b4.attr("architecture")),
+            "channel_base": channel_base,
+            "channel_max": channel_max,
+            "conv_clamp": conv.attr("conv_clamp"),
+        },
+    }
+    return model, resolution, sum(bool(b.attr("use_fp16", False)) for b in blocks)
+
+
+def discriminator_hparams(D: PersistentObject, g_model: dict[str, Any], resolution: int) -> dict[str, Any]:
+    """The `model.discriminator` section of an NVIDIA StyleGAN2 D (checked against its G)."""
+    if D.class_name != "Discriminator":
+        raise ConvertError(f"'D' is a {D.class_name}, not a Discriminator")
+    for key in ("c_dim", "img_channels"):
+        if int(D.attr(key)) != g_model[key]:
+            raise ConvertError(f"D has {key}={D.attr(key)} but G has {g_model[key]}: the snapshot is inconsistent")
+    if int(D.attr("img_resolution")) != resolution:
+        raise ConvertError(f"D is {D.attr('img_resolution')}px but G is {resolution}px: the snapshot is inconsistent")
+    channel_base, channel_max = _channel_kwargs(D.init_kwargs())
+    top = D.require_child(f"b{resolution}")
+    conv0 = top.require_child("conv0")
+    _check_activation(conv0, f"D.b{resolution}.conv0")
+    epilogue = D.require_child("b4")
+    mbstd = epilogue.child("mbstd")
+    group_size = mbstd.attr("group_size") if mbstd is not None else 4
+    if group_size is None:
+        raise ConvertError("D's minibatch-std group is the whole batch (group_size=None): ganpipe needs a number")
+    cmap_dim = int(epilogue.attr("cmap_dim", 0))
+    channels_4 = min(channel_base // 4, channel_max)
+    if g_model["c_dim"] > 0:
+        d_mapping = D.require_child("mapping")
+        # Our D's label mapping has NVIDIA's default depth (8) and shares the G mapping's lr multiplier.
+        _require(int(d_mapping.attr("num_layers")) == 8, f"a {d_mapping.attr('num_layers')}-layer D label mapping")
+        lr = float(d_mapping.require_child("fc0").attr("bias_gain"))
+        _require(abs(lr - g_model["mapping"]["lr_multiplier"]) < 1e-12, "different G and D mapping lr multipliers")
+    return {
+        "architecture": str(top.attr("architecture")),
+        "channel_base": channel_base,
+        "channel_max": channel_max,
+        "conv_clamp": conv0.attr("conv_clamp"),
+        "mbstd_group_size": int(group_size),
+        "mbstd_num_channels": int(mbstd.attr("num_channels")) if mbstd is not None else 0,
+        "cmap_dim": None if g_model["c_dim"] == 0 or cmap_dim == channels_4 else cmap_dim,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+
+
+@dataclass
+class ConvertedNetworks:
+    """Networks in ganpipe's layout: `model` is the `model` config section, tensors are state dicts."""
+
+    model: dict[str, Any]
+    resolution: int
+    G_ema: dict[str, Tensor]
+    G: dict[str, Tensor] | None = None
+    D: dict[str, Tensor] | None = None
+    kimg: float = 0.0
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_strict(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
+    try:
+        module.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines()[1:3])
+        raise ConvertError(f"{what} does not fit ganpipe's StyleGAN2 ({detail[:300]})") from None
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def convert_nvlabs(
+    url: str, discriminator: Literal["required", "if_present", "skip"] = "if_present"
+) -> ConvertedNetworks:
+    """Read an NVIDIA snapshot and return G_ema, and (unless `discriminator="skip"`) D and the non-EMA G, as ganpipe
+    state dicts checked by a strict load. With "if_present", a snapshot whose D cannot be converted still gives
+    G_ema (the reason is in `notes`); with "required" it is an error."""
+    snapshot = read_nvlabs_pickle(url)
+    G_ema = snapshot.get("G_ema") or snapshot.get("G")
+    assert isinstance(G_ema, PersistentObject)  # read_nvlabs_pickle checked it
+    model, resolution, num_fp16_res = generator_hparams(G_ema)
+    D = snapshot.get("D")
+    notes: list[str] = []
+    try:
+        if not isinstance(D, PersistentObject):
+            raise ConvertError(f"{url!r} has no discriminator 'D'")
+        model["discriminator"] = discriminator_hparams(D, model, resolution)
+    except ConvertError as e:
+        if discriminator == "required":
+            raise
+        # G alone is still usable; the D section only matters to `ganpipe train init=...`.
+        notes.append(f"D not converted ({e}): generator.json records ganpipe's default discriminator section")
+        D = None
+    try:
+        cfg = config_from_dict({"family": FAMILY, "model": model, "data": {"resolution": resolution}})
+    except GanpipeError as e:
+        raise ConvertError(f"the network's hyperparameters are outside ganpipe's range ({e})") from None
+    family = get_family(FAMILY)
+    model = cfg.to_dict()["model"]  # normalised through the schema: the exact dict generator.json records
+    out = ConvertedNetworks(model=model, resolution=resolution, G_ema={}, source=url, notes=notes)
+    out.G_ema = _load_strict(family.build_generator(cfg.model, resolution), state_dict_of(G_ema), "G_ema")
+    if discriminator != "skip" and D is not None:
+        out.D = _load_strict(family.build_discriminator(cfg.model, resolution), state_dict_of(D), "D")
+        G = snapshot.get("G")
+        if isinstance(G, PersistentObject) and G is not G_ema:
+            out.G = _load_strict(family.build_generator(cfg.model, resolution), state_dict_of(G), "G")
+    if num_fp16_res:
+        out.notes.append(f"NVIDIA ran the top {num_fp16_res} resolutions in float16; the converted weights are float32")
+    m = re.search(r"network-snapshot-(\d+)\.pkl$", os.path.basename(url))
+    out.kimg = float(m.group(1)) if m else 0.0  # NVIDIA names snapshots by the kimg they were taken at
+    return out
+
+
+def convert_to_export(url: str, out_dir: str, with_discriminator: bool = False) -> tuple[ExportedGenerator, list[str]]:
+    """`ganpipe convert nvlabs`: write G_ema (and with `with_discriminator`, D and the non-EMA G) to `out_dir`.
+
+    Returns what generator.json records and notes worth telling the user.
+    """
+    nets = convert_nvlabs(url, discriminator="required" if with_discriminator else "skip")
+    meta = ExportedGenerator(
+        family=FAMILY,
+        model=nets.model,
+        resolution=nets.resolution,
+        z_dim=nets.model["z_dim"],
+        c_dim=nets.model["c_dim"],
+        img_channels=nets.model["img_channels"],
+        kimg=nets.kimg,
+        source_checkpoint=url,
+    )
+    networks = {"G_ema": nets.G_ema}
+    if nets.D is not None:
+        networks["D"] = nets.D
+    if nets.G is not None:
+        networks["G"] = nets.G
+    write_export(out_dir, meta, networks)
+    return meta, nets.notes
+
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "ConvertError",
+    "ConvertedNetworks",
+    "EasyDictStandIn",
+    "PersistentObject",
+    "RestrictedUnpickler",
+    "convert_nvlabs",
+    "convert_to_export",
+    "discriminator_hparams",
+    "generator_hparams",
+    "read_nvlabs_pickle",
+    "state_dict_of",
+]

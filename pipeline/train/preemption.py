@@ -1,0 +1,145 @@
+"""Preemption and requeue: stop at a step boundary with a checkpoint when Slurm says time is up.
+
+Contract
+    * The signal handlers only record which signal arrived (`requeue_signal`, Slurm's pre-timeout signal from
+      `#SBATCH --signal=USR1@SECONDS`, and SIGTERM, which Slurm sends on preemption, `scontrol requeue` and
+      `scancel`). Nothing else happens inside a handler: saving there could deadlock in a collective that another
+      rank never enters (Lightning's own SLURM auto-requeue does that; it is switched off).
+    * At every step boundary all ranks agree (one all-reduce MAX of a flag, so a signal seen by any rank counts for
+      all, at the same step). When set: every rank takes part in the checkpoint (rank 0 writes it), the task is
+      marked `preempted`, and the trainer stops after this step.
+    * After training has stopped, `requeue_if_requested` (called by `train()`) runs `scontrol requeue
+      $SLURM_JOB_ID` on rank 0 when the requeue signal was received inside a Slurm job, so the job goes back to
+      the queue and, restarted, resumes with `--resume auto`. SIGTERM does not requeue: Slurm requeues preempted
+      and `scontrol requeue`d jobs itself, and `scancel` means stop.
+    * A time limit reached without any signal loses the work since the last periodic checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+_STOP = 1  # SIGTERM: checkpoint and exit
+_REQUEUE = 2  # the pre-timeout signal: checkpoint, requeue, exit
+
+
+def signal_from_name(name: str) -> signal.Signals:
+    """`USR1`, `SIGUSR1` or `usr1` -> signal.SIGUSR1."""
+    return signal.Signals[f"SIG{name.upper().removeprefix('SIG')}"]
+
+
+class PreemptionCallback(L.Callback):
+    """Turns the pre-timeout signal / SIGTERM into a checkpoint at the next step boundary and a clean stop.
+
+    `save` is the checkpoint callback's save function (called on every rank; it must contain the collectives of
+    the checkpoint and write only on rank 0). Place this callback after the periodic checkpoint callback, so a
+    checkpoint that was due at this step is not written twice.
+    """
+
+    def __init__(self, save: Any, requeue_signal: str | None = "USR1") -> None:
+        self.save = save
+        self.requeue_signal = signal_from_name(requeue_signal) if requeue_signal else None
+        self.received = 0  # the strongest request seen by this process (_STOP < _REQUEUE)
+        self.decision = 0  # what all ranks agreed on
+        self._previous: dict[signal.Signals, Any] = {}
+
+    # Signal handling ---------------------------------------------------------------------------------------------
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: everything else happens at the next step boundary.
+        self.received = max(self.received, _REQUEUE if signum == self.requeue_signal else _STOP)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not in the main thread: preemption signals are not handled")
+            return
+        signums = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal is not None else [])
+        for signum in signums:
+            # Replaces Lightning's SIGTERM handler, which broadcasts from inside the handler.
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # Lightning hooks (the trainer registers its own handlers just before on_train_start) ----------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        flag = torch.tensor([self.received], dtype=torch.int32, device=pl_module.device)
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        decision = int(flag.item())
+        if decision == 0:
+            return
+        self.decision = decision
+        what = "pre-timeout signal" if decision == _REQUEUE else "SIGTERM"
+        if trainer.is_global_zero:
+            log.info("%s received: checkpointing at %.3f kimg and stopping", what, pl_module.cur_nimg / 1000)
+        pl_module.preempted = True
+        self.save(trainer, pl_module)
+        trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.decision and slurm_job_id() is not None:
+            # Stopping a Slurm job: the process exits right after this, and the SIGTERM of the requeue (or the rest
+            # of Slurm's kill sequence) must not cut that exit short; the flag-only handlers stay.
+            return
+        self.uninstall()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.uninstall()
+
+    @property
+    def requeue_requested(self) -> bool:
+        return self.decision == _REQUEUE
+
+
+def slurm_job_id() -> str | None:
+    """The id to requeue: `ARRAYJOB_TASK` for an array task, else SLURM_JOB_ID; None outside Slurm."""
+    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_job}_{array_task}" if array_job and array_task else os.environ.get("SLURM_JOB_ID")
+    return job_id if job_id and re.fullmatch(r"[0-9]+(_[0-9]+)?", job_id) else None
+
+
+def requeue_slurm_job(job_id: str) -> bool:
+    """`scontrol requeue JOB_ID`; True when Slurm accepted it. Failures are logged, never raised: the checkpoint
+    is already safe, and the job can be resubmitted by hand (`ganpipe submit ...` continues the run dir)."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        log.warning("scontrol not found: job %s is not requeued; resubmit it to continue", job_id)
+        return False
+    result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        log.warning("scontrol requeue %s failed (%s): resubmit to continue", job_id, result.stderr.strip())
+        return False
+    log.info("requeued Slurm job %s: it resumes from the checkpoint when it restarts", job_id)
+    return True
+
+
+def requeue_if_requested(callback: PreemptionCallback | None, is_global_zero: bool) -> bool:
+    """After training stopped: requeue this Slurm job (rank 0 only) if the pre-timeout signal asked for it."""
+    if callback is None or not callback.requeue_requested or not is_global_zero:
+        return False
+    job_id = slurm_job_id()
+    if job_id is None:
+        log.info("pre-timeout signal outside a Slurm job: stopped with a checkpoint; continue with --resume auto")
+        return False
+    return requeue_slurm_job(job_id)
