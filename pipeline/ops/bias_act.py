@@ -107,6 +107,13 @@ def bias_act(
     if act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
     assert clamp is None or clamp >= 0, "clamp must be None or >= 0"
+    if b is not None:
+        assert isinstance(b, torch.Tensor) and b.ndim == 1, "b must be a 1-D tensor"
+        assert 0 <= dim < x.ndim, f"dim must be in [0, {x.ndim}), got {dim}"
+        assert b.shape[0] == x.shape[dim], f"b has {b.shape[0]} elements, x.shape[{dim}] is {x.shape[dim]}"
+    spec = ACTIVATIONS[act]
+    alpha = float(spec.def_alpha if alpha is None else alpha)
+    gain = float(spec.def_gain if gain is None else gain)
     if resolve_impl(impl, x) == "triton":
         return _bias_act_triton(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
     return _bias_act_ref(x, b, dim=dim, act=act, alpha=alpha, gain=gain, clamp=clamp)
@@ -117,26 +124,19 @@ def _bias_act_triton(
     b: torch.Tensor | None,
     dim: int,
     act: str,
-    alpha: float | None,
-    gain: float | None,
+    alpha: float,
+    gain: float,
     clamp: float | None,
 ) -> torch.Tensor:
-    """The fused path: resolve the defaults, check b, then the `ganpipe::bias_act` custom op."""
+    """The fused path on checked arguments with resolved defaults: the `ganpipe::bias_act` custom op."""
     from pipeline.ops._custom_ops import bias_act_op
 
-    spec = ACTIVATIONS[act]
     assert x.is_floating_point(), "x must be a floating-point tensor"
-    if b is not None:
-        assert isinstance(b, torch.Tensor) and b.ndim == 1, "b must be a 1-D tensor"
-        assert 0 <= dim < x.ndim, f"dim must be in [0, {x.ndim}), got {dim}"
-        assert b.shape[0] == x.shape[dim], f"b has {b.shape[0]} elements, x.shape[{dim}] is {x.shape[dim]}"
-    else:
+    if b is None:
         dim = min(max(dim, 0), max(x.ndim - 1, 0))  # unused without a bias; any valid axis will do
-    if b is not None and b.dtype != x.dtype:  # the reference's x + b promotes: same result dtype here
+    elif b.dtype != x.dtype:  # the reference's x + b promotes: same result dtype here
         dtype = torch.promote_types(x.dtype, b.dtype)
         x, b = x.to(dtype), b.to(dtype)
-    alpha = float(spec.def_alpha if alpha is None else alpha)
-    gain = float(spec.def_gain if gain is None else gain)
     return bias_act_op(x, b, dim, act, alpha, gain, -1.0 if clamp is None else float(clamp))
 
 
@@ -145,17 +145,13 @@ def _bias_act_ref(
     b: torch.Tensor | None,
     dim: int,
     act: str,
-    alpha: float | None,
-    gain: float | None,
+    alpha: float,
+    gain: float,
     clamp: float | None,
 ) -> torch.Tensor:
+    """The reference on checked arguments with resolved defaults (also the fused ops' fallback)."""
     spec = ACTIVATIONS[act]
-    alpha = float(spec.def_alpha if alpha is None else alpha)
-    gain = float(spec.def_gain if gain is None else gain)
     if b is not None:
-        assert isinstance(b, torch.Tensor) and b.ndim == 1, "b must be a 1-D tensor"
-        assert 0 <= dim < x.ndim, f"dim must be in [0, {x.ndim}), got {dim}"
-        assert b.shape[0] == x.shape[dim], f"b has {b.shape[0]} elements, x.shape[{dim}] is {x.shape[dim]}"
         x = x + b.reshape([-1 if i == dim else 1 for i in range(x.ndim)])
     x = spec.func(x, alpha)
     if gain != 1:

@@ -113,6 +113,13 @@ def upfirdn2d(
     True = correlation. Output: [N, C, (H*uy + py0 + py1 - fh) // dy + 1, (W*ux + px0 + px1 - fw) // dx + 1].
     """
     assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, C, H, W] tensor"
+    if f is not None:
+        assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
+        assert f.is_floating_point() and not f.requires_grad, "filter must be a constant floating-point tensor"
+    up, down, padding = parse_scaling(up), parse_scaling(down), parse_padding(padding)
+    (ux, uy), (px0, px1, py0, py1), (fw, fh) = up, padding, filter_size(f)
+    h, w = x.shape[2], x.shape[3]
+    assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
     if resolve_impl(impl, x) == "triton":
         return _upfirdn2d_triton(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
     return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
@@ -137,27 +144,18 @@ def correlation_kernel(
 def _upfirdn2d_triton(
     x: torch.Tensor,
     f: torch.Tensor | None,
-    up: Scaling,
-    down: Scaling,
-    padding: Padding,
+    up: tuple[int, int],
+    down: tuple[int, int],
+    padding: tuple[int, int, int, int],
     flip_filter: bool,
     gain: float,
 ) -> torch.Tensor:
-    """The fused path: the same checks as the reference, then the `ganpipe::upfirdn2d` custom op."""
+    """The fused path on checked, parsed arguments: the `ganpipe::upfirdn2d` custom op."""
     from pipeline.ops._custom_ops import upfirdn2d_op
 
-    if f is not None:
-        assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
-        assert f.is_floating_point() and not f.requires_grad, "filter must be a constant floating-point tensor"
     assert x.is_floating_point(), "x must be a floating-point tensor"
-    ux, uy = parse_scaling(up)
-    dx, dy = parse_scaling(down)
-    px0, px1, py0, py1 = parse_padding(padding)
-    fw, fh = filter_size(f)
-    _, _, h, w = x.shape
-    assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
     k = correlation_kernel(f, flip_filter, gain, x.dtype, x.device)
-    return upfirdn2d_op(x, k, ux, uy, dx, dy, px0, px1, py0, py1)
+    return upfirdn2d_op(x, k, *up, *down, *padding)
 
 
 def _upfirdn2d_ref(
@@ -170,16 +168,12 @@ def _upfirdn2d_ref(
     gain: float = 1,
 ) -> torch.Tensor:
     """Reference: zero insertion by reshape + pad, F.pad (crops when negative), depthwise conv2d whose stride
-    does the downsampling (only the kept outputs are computed)."""
-    if f is not None:
-        assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
-        assert f.is_floating_point() and not f.requires_grad, "filter must be a constant floating-point tensor"
+    does the downsampling (only the kept outputs are computed). Also the fused ops' fallback."""
     n, c, h, w = x.shape
     ux, uy = parse_scaling(up)
     dx, dy = parse_scaling(down)
     px0, px1, py0, py1 = parse_padding(padding)
     fw, fh = filter_size(f)
-    assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
 
     # 1. Zero insertion: each sample is followed by (factor - 1) zeros along each axis.
     if ux > 1 or uy > 1:
