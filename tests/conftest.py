@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import Config, load_config
 
@@ -37,3 +38,13 @@ def make_config(tmp_path: Path):
         return load_config(TINY_RECIPE, [*base, *overrides])
 
     return make
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch at one intra-op thread for the test, restored afterwards: tiny tensors (and float16 convolutions on
+    the CPU) spend most of their time in OpenMP synchronisation when several threads share two busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

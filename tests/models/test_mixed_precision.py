@@ -28,13 +28,7 @@ from tests.conftest import TINY_RECIPE
 RES = 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # float16 convolutions on CPU with several threads on a shared machine crawl; one thread keeps it predictable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # float16 convolutions on CPU crawl with several threads
 
 
 def cfg64(num_fp16_res: int, channels: int = 8) -> StyleGAN2Config:

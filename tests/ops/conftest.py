@@ -17,11 +17,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)
-def _single_thread_for_tiny_tensors():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _single_thread_for_tiny_tensors(one_torch_thread):
     yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
