@@ -644,7 +644,8 @@ class StreamDataset(IterableDataset):
     """The stream of one rank (see the module docstring).
 
     With `batch_size`, yields batches {"image": uint8 [B, C, H, W] (channels_last memory format), "label": int64
-    [B] (-1 = none), "caption": list[str], "key": list[str], "stream": SlotReport}; without, single samples
+    numpy [B] (-1 = none; `StreamLoader` hands it out as a tensor), "caption": list[str], "key": list[str],
+    "stream": SlotReport}; without, single samples
     ("image" uint8 [C, H, W], "label" int). In `once` mode each worker's stream ends with one item holding only
     "stream" (its final counters; `read_once` consumes it)."""
 
@@ -746,7 +747,7 @@ class StreamDataset(IterableDataset):
         captions: list[str] = []
         keys: list[str] = []
         board = self.release_board if in_worker else None
-        pool = _BufferPool(board, (get_worker_info().id) * POOL_SLOTS) if board is not None else None
+        pool = _BufferPool(board, get_worker_info().id * POOL_SLOTS) if board is not None else None
         for s in samples:
             if images is None:
                 shape = (b, *s.image.shape)
