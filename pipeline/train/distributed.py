@@ -144,13 +144,9 @@ class BufferSync:
             pending.append((dist.all_reduce(flat, group=group, async_op=True), flat, bucket))
         for work, flat, bucket in pending:
             work.wait()
-            offset = 0
-            for i in bucket:
-                b, m = self.buffers[i], self._marked[i]
-                n = b.numel()
-                # marked + 0 == marked bit for bit, so buffers nobody changed never drift.
-                b.copy_(m + flat[offset : offset + n].view_as(b) / world)
-                offset += n
+            _unflat_into(flat.div_(world), [deltas[i] for i in bucket])  # deltas now hold the mean change
+        for b, m, d in zip(self.buffers, self._marked, deltas, strict=True):
+            b.copy_(m + d)  # marked + 0 == marked bit for bit, so buffers nobody changed never drift
         self.mark()
 
 
