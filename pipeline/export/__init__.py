@@ -11,7 +11,6 @@ loading never executes anything from the files.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +24,7 @@ import pipeline
 from pipeline.config import config_from_dict
 from pipeline.errors import ExportError, GanpipeError
 from pipeline.models import get_family
-from pipeline.train.checkpoint import load_checkpoint, resolve_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, publish_atomic, resolve_checkpoint
 
 FORMAT = "ganpipe-generator"
 VERSION = 1
@@ -55,9 +54,7 @@ class ExportedGenerator:
 
 def _write_atomic(url: str, data: bytes) -> None:
     fs, path = fsspec.core.url_to_fs(url)
-    tmp = f"{fs._parent(path)}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    publish_atomic(fs, path, data)  # the checkpoints' writer: rename on file systems, one-shot on object stores
 
 
 def export_generator(source: str, out_dir: str) -> ExportedGenerator:

@@ -81,7 +81,7 @@ def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
 
 
-def _publish(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview) -> None:
+def publish_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview) -> None:
     """Make `data` appear at `path` all at once: temporary name + rename, or a one-shot object upload."""
     if _protocols(fs) & _OBJECT_STORES:
         fs.pipe_file(path, bytes(data))
@@ -125,9 +125,9 @@ def save_checkpoint(state: dict[str, Any], url: str) -> CheckpointRecord:
     record = CheckpointRecord(len(data), hashlib.sha256(data).hexdigest(), cur_nimg, time.time())
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    _publish(fs, path + RECORD_SUFFIX, record.to_json().encode())
+    publish_atomic(fs, path + RECORD_SUFFIX, record.to_json().encode())
     for attempt in (1, 2):
-        _publish(fs, path, data)
+        publish_atomic(fs, path, data)
         fs.invalidate_cache(fs._parent(path))
         written = _sha256_of(fs, path)
         if written == (record.size, record.sha256):
