@@ -1,6 +1,6 @@
 """Benchmark the streaming data loader against a bare tar-read + decode loop (see pipeline/data/bench.py).
 
-    python tools/bench_data.py [--n 4000] [--workers 1,2] [--resolution 256] [--quality 90]
+    python tools/bench_data.py [--n 4000] [--read 12000] [--workers 1,2] [--resolution 256] [--quality 90]
 
 Prints a markdown table (loader img/s, bare decode img/s, ratio, img/s per worker) and exits 0.
 """

@@ -1,13 +1,16 @@
 """Loader throughput against the bare decode loop: what `tools/bench_data.py` and `ganpipe bench data` run.
 
 It writes JPEG shards itself (256x256, quality 90 by default; smooth gradients with noise, about the size of
-photos at that quality), then measures, for each worker count N:
-    loader  the full streaming loader (`StreamDataset` + DataLoader, N workers): tar reading, shuffle buffer,
-            decode, x-flip, batching into shared memory, hand-over to the main process
-    bare    N processes that only read the same tar members (same tar reader, same fsspec opener) and decode
-            them with the same decoder, discarding the result
-each over every image once, best of `repeats` passes (the first pass also warms the page cache), and prints a
-markdown table with both rates, their ratio and the loader's img/s per worker.
+photos at that quality), then measures, for each worker count N, a stream of `read` images (several passes'
+worth, so that starting the processes weighs about as little as it does in training):
+    loader  the streaming loader as training runs it (`StreamDataset` in its default resampled mode +
+            DataLoader, N workers): tar reading, shuffle buffer, decode, x-flip, batching into shared memory,
+            hand-over to the main process
+    bare    N processes that read the same tar members (the same shards, drawn by the same `ShardSchedule`,
+            with the same tar reader and fsspec opener) and decode them with the same decoder, discarding the
+            result
+best of `repeats` passes (the first pass also warms the page cache), and prints a markdown table with both
+rates, their ratio and the loader's img/s per worker.
 """
 
 from __future__ import annotations
@@ -17,14 +20,15 @@ import multiprocessing as mp
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pipeline.data.codec import decode_array, encode_image
 from pipeline.data.shards import ShardWriter
-from pipeline.data.stream import StreamDataset, StreamOptions, _iter_shard, make_loader, open_source
+from pipeline.data.stream import ShardSchedule, StreamDataset, StreamOptions, _iter_shard, make_loader, open_source
 
 
 @dataclass
@@ -38,56 +42,82 @@ class BenchRow:
         return self.loader_img_s / self.bare_img_s
 
 
-def _image(rng: np.random.Generator, r: int) -> np.ndarray:
-    yy, xx = np.mgrid[0:r, 0:r].astype(np.float32) / r
-    a, b, c = rng.uniform(0, 255, size=(3, 3))
-    base = np.stack([a[i] * xx + b[i] * yy + c[i] * xx * yy for i in range(3)], axis=-1) % 256
-    noise = rng.normal(0, 12, size=(r, r, 3))
-    return np.clip(base + noise, 0, 255).astype(np.uint8)
+def _image(rng: np.random.Generator, r: int, noise: np.ndarray) -> np.ndarray:
+    """A colour gradient plus a random window of the shared noise tile (drawing fresh noise per image would make
+    writing the shards several times slower than reading them)."""
+    ramp = np.arange(r, dtype=np.float32) / r
+    yy, xx = ramp[:, None, None], ramp[None, :, None]
+    a, b, c = rng.uniform(0, 255, size=(3, 1, 1, 3)).astype(np.float32)
+    y, x = rng.integers(0, r, size=2)
+    return np.clip((a * xx + b * yy + c * xx * yy) % 256 + noise[y : y + r, x : x + r], 0, 255).astype(np.uint8)
 
 
 def write_bench_shards(url: str, n: int, resolution: int, quality: int, per_shard: int) -> None:
     rng = np.random.default_rng(0)
+    noise = rng.normal(0, 12, size=(2 * resolution, 2 * resolution, 3)).astype(np.float32)
     with ShardWriter(url, resolution=resolution, image_format="jpg", samples_per_shard=per_shard) as w:
         for i in range(n):
-            w.write(f"{i:09d}", encode_image(_image(rng, resolution), "jpg", quality))
+            w.write(f"{i:09d}", encode_image(_image(rng, resolution, noise), "jpg", quality))
 
 
-def _bare_decode(urls: list[str]) -> int:
+_SEED = 0  # the loader's stream seed; the bare loop draws the same shards with it
+
+
+def bare_samples(urls: list[str], slot: int, num_slots: int, images: int) -> Iterator[dict[str, Any]]:
+    """The first `images` raw samples of the shards that `slot` of the loader's stream visits, in tar order."""
+    schedule = ShardSchedule(len(urls), num_slots, _SEED, "resample")
     options = StreamOptions()
-    n = 0
-    for url in urls:
-        for sample in _iter_shard(url, options):
-            decode_array(sample["jpg"], 3)
+    n, visit = 0, 0
+    while n < images:
+        for sample in _iter_shard(urls[schedule.shard(slot, visit)], options):
+            yield sample
             n += 1
+            if n == images:
+                return
+        visit += 1
+
+
+def _bare_decode(urls: list[str], slot: int, num_slots: int, images: int) -> int:
+    n = 0
+    for sample in bare_samples(urls, slot, num_slots, images):
+        decode_array(sample["jpg"], 3)
+        n += 1
     return n
 
 
-def bare_rate(url: str, workers: int) -> float:
+def images_per_worker(read: int, workers: int, batch_size: int) -> list[int]:
+    """How many images each loader worker delivers in a stream of `read` images (whole batches, round-robin)."""
+    batches = read // batch_size
+    return [len(range(w, batches, workers)) * batch_size for w in range(workers)]
+
+
+def bare_rate(url: str, workers: int, read: int, batch_size: int) -> float:
     urls = list(open_source(url).shard_urls)
+    jobs = [(urls, w, workers, n) for w, n in enumerate(images_per_worker(read, workers, batch_size))]
     start = time.perf_counter()
     with mp.get_context("fork").Pool(workers) as pool:
-        n = sum(pool.map(_bare_decode, [urls[i::workers] for i in range(workers)]))
+        n = sum(pool.starmap(_bare_decode, jobs))
     return n / (time.perf_counter() - start)
 
 
-def loader_rate(url: str, workers: int, batch_size: int, resolution: int) -> float:
+def loader_rate(url: str, workers: int, read: int, batch_size: int, resolution: int) -> float:
     dataset = StreamDataset(
         open_source(url),
-        seed=0,
+        seed=_SEED,
         batch_size=batch_size,
         resolution=resolution,
-        mode="once",
         xflip=True,
         num_workers=workers,
+        num_batches=read // batch_size,
     )
     start = time.perf_counter()
-    n = sum(len(b["key"]) for b in make_loader(dataset, pin_memory=False) if "key" in b)
+    n = sum(len(b["key"]) for b in make_loader(dataset, pin_memory=False))
     return n / (time.perf_counter() - start)
 
 
 def run_bench(
     n: int = 4000,
+    read: int | None = None,
     resolution: int = 256,
     quality: int = 90,
     workers: Sequence[int] = (1, 2),
@@ -99,17 +129,19 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-") as tmp:
         url = url or os.path.join(tmp, "shards")
         write_bench_shards(url, n, resolution, quality, per_shard)
+        read = read or 3 * n
         rows = []
         for w in workers:
-            bare = max(bare_rate(url, w) for _ in range(repeats))
-            loader = max(loader_rate(url, w, batch_size, resolution) for _ in range(repeats))
+            bare = max(bare_rate(url, w, read, batch_size) for _ in range(repeats))
+            loader = max(loader_rate(url, w, read, batch_size, resolution) for _ in range(repeats))
             rows.append(BenchRow(w, loader, bare))
         return rows
 
 
-def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int) -> str:
+def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int, read: int) -> str:
     lines = [
-        f"Data loader throughput, {n} JPEG images {resolution}x{resolution} q{quality}, {os.cpu_count()} CPU cores",
+        f"Data loader throughput: {read} images streamed from {n} JPEG images {resolution}x{resolution} q{quality}, "
+        f"{os.cpu_count()} CPU cores",
         "",
         "| workers | loader img/s | bare decode img/s | ratio | loader img/s per worker |",
         "| ---: | ---: | ---: | ---: | ---: |",
@@ -124,7 +156,8 @@ def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int) ->
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4000, help="images to write and read (default 4000)")
+    parser.add_argument("--n", type=int, default=4000, help="images to write (default 4000)")
+    parser.add_argument("--read", type=int, default=None, help="images each measurement streams (default 3 x --n)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--quality", type=int, default=90)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
@@ -136,6 +169,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
     args = args or build_parser().parse_args(argv)
     workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
-    rows = run_bench(args.n, args.resolution, args.quality, workers, args.batch_size, args.repeats)
-    print(format_table(rows, args.resolution, args.quality, args.n))
+    read = args.read or 3 * args.n
+    rows = run_bench(args.n, read, args.resolution, args.quality, workers, args.batch_size, args.repeats)
+    print(format_table(rows, args.resolution, args.quality, args.n, read))
     return 0

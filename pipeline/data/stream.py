@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import random
 import re
@@ -606,38 +607,102 @@ def _shared_uint8(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
-POOL_SLOT_KEY = "_pool_slot"  # a batch's buffer slot, from the worker to StreamLoader (never seen by users)
 POOL_SLOTS = 8  # batch buffers a worker recycles: prefetch_factor (4) + the trainer's current and next + spare
+
+
+class _PoolBoard:
+    """The trainer-side half of the workers' batch-buffer pools for one pass of a `StreamLoader`.
+
+    `flags` is a byte per (worker, slot) in shared memory: a worker sets it when a batch leaves in that slot's
+    buffer, and the trainer clears it when the last tensor on that batch is freed. `buffers` maps each slot to
+    its buffer as mapped in the trainer: a buffer crosses the process boundary once (one fd hand-over and one
+    mmap), after which its batches travel as (slot, count). `token` names the board across processes; live
+    boards are found through `_BOARDS`, because a batch is unpickled inside DataLoader machinery (possibly its
+    pin-memory thread) that we cannot hand arguments to."""
+
+    def __init__(self, slots: int) -> None:
+        self.flags_tensor = torch.zeros(slots, dtype=torch.uint8).share_memory_()
+        self.token = next(_BOARD_TOKENS)
+        self.buffers: dict[int, torch.Tensor] = {}
+        _BOARDS[self.token] = self
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self.flags_tensor.numpy()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"flags_tensor": self.flags_tensor, "token": self.token}  # workers need no mapped buffers
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.flags_tensor, self.token, self.buffers = state["flags_tensor"], state["token"], {}
+
+    def attach(self, index: int, count: int, buffer: torch.Tensor | None) -> torch.Tensor:
+        """The [count, C, H, W] images of a batch that arrived in pool slot `index` (with its buffer the first
+        time). Their storage is a view of their own on the mapped buffer, so its finalizer fires exactly when the
+        trainer frees the batch (or, with pinned memory, as soon as it was copied) and frees the slot."""
+        if buffer is not None:
+            self.buffers[index] = buffer
+        images = torch.from_numpy(self.buffers[index].numpy()[:count])
+        weakref.finalize(images.untyped_storage(), _release_slot, self.flags_tensor, index)
+        return images.permute(0, 3, 1, 2)
+
+
+# Live boards of this process by token; an entry vanishes with the last iterator of its loader pass.
+_BOARDS: weakref.WeakValueDictionary[int, _PoolBoard] = weakref.WeakValueDictionary()
+_BOARD_TOKENS = itertools.count(1)
+
+
+def _release_slot(flags: torch.Tensor, index: int) -> None:
+    flags.numpy()[index] = 0
+
+
+def _attach_pooled(token: int, index: int, count: int, buffer: torch.Tensor | None) -> torch.Tensor:
+    board = _BOARDS.get(token)
+    if board is None:
+        raise DatasetError("a batch arrived after its data loader was closed: iterate the loader again")
+    return board.attach(index, count, buffer)
+
+
+class _PooledImages:
+    """A batch's images in a worker's pooled buffer, as they cross to the trainer: pickled as (slot, count), plus
+    the buffer itself the first time that slot's buffer is sent; unpickled as the images (`_PoolBoard.attach`)."""
+
+    def __init__(self, token: int, index: int, count: int, buffer: torch.Tensor | None) -> None:
+        self.token, self.index, self.count, self.buffer = token, index, count, buffer
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _attach_pooled, (self.token, self.index, self.count, self.buffer)
 
 
 class _BufferPool:
     """Recycled shared-memory batch buffers of one worker.
 
-    A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker (a quarter of the
-    loader's CPU time at 256px). So each worker keeps `POOL_SLOTS` buffers and reuses one only when the trainer
-    has released it: `board` is a byte per slot in shared memory, set to 1 here when a batch leaves and back to 0
-    by the main process when the last tensor on that batch's memory is freed (`StreamLoader` registers the
-    finalizer). A batch is never overwritten while anything still holds it; when every slot is busy the batch
+    A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker, and an fd hand-over
+    (a socket round trip through a helper thread) and an mmap in the trainer. So each worker keeps `POOL_SLOTS`
+    buffers, sends each to the trainer once, and reuses one only when the trainer has released it (see
+    `_PoolBoard`). A batch is never overwritten while anything still holds it; when every slot is busy the batch
     gets a fresh, unpooled buffer, so the worker never waits."""
 
-    def __init__(self, board: torch.Tensor, first: int) -> None:
-        self.flags = board.numpy()
-        self.first = first
+    def __init__(self, board: _PoolBoard, first: int) -> None:
+        self.board, self.flags, self.first = board, board.flags, first
         self.buffers: list[torch.Tensor | None] = [None] * POOL_SLOTS
+        self.sent = [False] * POOL_SLOTS
 
     def acquire(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
-        """(buffer, board index) of a free slot, or (fresh buffer, None) when all are in use."""
+        """(buffer, slot) of a free slot, or (fresh buffer, None) when all are in use."""
         for i, buf in enumerate(self.buffers):
             if self.flags[self.first + i] == 0:
                 if buf is None or tuple(buf.shape) != shape:
                     buf = self.buffers[i] = _shared_uint8(shape, in_worker=True)
+                    self.sent[i] = False
                 self.flags[self.first + i] = 1
-                return buf, self.first + i
+                return buf, i
         return _shared_uint8(shape, in_worker=True), None
 
-
-def _release_buffer(flags: np.ndarray, index: int) -> None:
-    flags[index] = 0
+    def images(self, slot: int, count: int) -> _PooledImages:
+        buffer = None if self.sent[slot] else self.buffers[slot]
+        self.sent[slot] = True
+        return _PooledImages(self.board.token, self.first + slot, count, buffer)
 
 
 class StreamDataset(IterableDataset):
@@ -696,7 +761,7 @@ class StreamDataset(IterableDataset):
             raise ValueError(f"{len(self.positions)} positions for {self.slots_per_rank} slots per rank")
         self.rotation, self.num_batches = rotation, num_batches
         # Set by StreamLoader for each pass over the workers (see `_BufferPool`); None = fresh buffers.
-        self.release_board: torch.Tensor | None = None
+        self.pool_board: _PoolBoard | None = None
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -746,7 +811,7 @@ class StreamDataset(IterableDataset):
         labels: list[int] = []
         captions: list[str] = []
         keys: list[str] = []
-        board = self.release_board if in_worker else None
+        board = self.pool_board if in_worker else None
         pool = _BufferPool(board, get_worker_info().id * POOL_SLOTS) if board is not None else None
         for s in samples:
             if images is None:
@@ -763,25 +828,24 @@ class StreamDataset(IterableDataset):
             captions.append(s.caption)
             keys.append(s.key)
             if len(keys) == b:
-                yield self._batch(images, labels, captions, keys, reader, pool_slot)
+                yield self._batch(_images(images, pool, pool_slot, b), labels, captions, keys, reader)
                 n += 1
                 if quota is not None and n >= quota:
                     return
                 images, labels, captions, keys = None, [], [], []
         if keys and self.mode == "once" and images is not None:  # evaluation keeps the last, partial batch
-            yield self._batch(images[: len(keys)], labels, captions, keys, reader, pool_slot)
+            yield self._batch(_images(images, pool, pool_slot, len(keys)), labels, captions, keys, reader)
 
     @staticmethod
     def _batch(
-        images: torch.Tensor,
+        images: torch.Tensor | _PooledImages,
         labels: list[int],
         captions: list[str],
         keys: list[str],
         reader: _SlotReader,
-        pool_slot: int | None,
     ) -> dict[str, Any]:
-        batch = {
-            "image": images.permute(0, 3, 1, 2),  # [B, C, H, W], channels_last
+        return {
+            "image": images,
             # numpy, not a tensor: a tensor would cross to the trainer through a shared-memory segment of its own
             # (one more allocation and file-descriptor hand-over per batch); StreamLoader makes it a tensor.
             "label": np.array(labels, dtype=np.int64),
@@ -789,9 +853,16 @@ class StreamDataset(IterableDataset):
             "key": keys,
             "stream": reader.report(),
         }
-        if pool_slot is not None:
-            batch[POOL_SLOT_KEY] = pool_slot  # StreamLoader pops it and releases the slot when the batch dies
-        return batch
+
+
+def _images(
+    buffer: torch.Tensor, pool: _BufferPool | None, slot: int | None, count: int
+) -> torch.Tensor | _PooledImages:
+    """The first `count` images of a [B, H, W, C] batch buffer as [count, C, H, W] (channels_last), or, for a
+    pooled buffer, what stands for them until they reach the trainer."""
+    if pool is not None and slot is not None:
+        return pool.images(slot, count)
+    return buffer[:count].permute(0, 3, 1, 2)
 
 
 def _as_is(item: Any) -> Any:
@@ -814,12 +885,9 @@ class StreamLoader(DataLoader):
     dataset: StreamDataset
 
     def __iter__(self) -> Iterator[Any]:
-        board = None
-        if self.num_workers > 0:
-            # A new board per pass: a batch kept from an earlier pass can only ever release its own board's slot.
-            board = torch.zeros(self.num_workers * POOL_SLOTS, dtype=torch.uint8).share_memory_()
-        self.dataset.release_board = board
-        flags = board.numpy() if board is not None else None
+        # A new board per pass: a batch kept from an earlier pass can only ever release its own board's slot.
+        board = _PoolBoard(self.num_workers * POOL_SLOTS) if self.num_workers > 0 else None
+        self.dataset.pool_board = board
         it = super().__iter__()  # starts the workers, which take the board with the dataset
 
         def clean() -> Iterator[Any]:
@@ -827,22 +895,19 @@ class StreamLoader(DataLoader):
                 for item in it:
                     if isinstance(item, dict) and isinstance(item.get("label"), np.ndarray):
                         item["label"] = torch.from_numpy(item["label"])
-                    slot = item.pop(POOL_SLOT_KEY, None) if isinstance(item, dict) else None
-                    if slot is not None and board is not None:
-                        # Fires when the last tensor on the batch's memory is freed, wherever the trainer keeps it.
-                        weakref.finalize(item["image"].untyped_storage(), _release_buffer, flags, slot)
                     yield item
             except DatasetError as e:
                 raise DatasetError(_worker_error_line(e)) from None
 
-        return _LenIterator(clean(), it)
+        return _LenIterator(clean(), it, board)
 
 
 class _LenIterator:
     """Keeps `len()` and the DataLoader iterator's attributes visible through the error-cleaning generator."""
 
-    def __init__(self, gen: Iterator[Any], inner: Any) -> None:
+    def __init__(self, gen: Iterator[Any], inner: Any, board: _PoolBoard | None) -> None:
         self._gen, self._inner = gen, inner
+        self._board = board  # keeps the pass's pool board registered while batches may still arrive
 
     def __iter__(self) -> _LenIterator:
         return self
