@@ -85,10 +85,17 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(inspect_dataset(args.url, num_workers=args.workers), indent=1))
 
 
-def _cmd_bench_data(args: argparse.Namespace) -> None:
-    from pipeline.data.bench import main as bench_data
+def _cmd_bench_data(args: argparse.Namespace) -> int:
+    from pipeline.data.bench import run
+    from pipeline.errors import ConfigError
 
-    bench_data(args=args)
+    try:
+        workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--workers {args.workers!r} must be comma-separated integers, e.g. 1,2") from None
+    if not workers or min(workers) < 1:
+        raise ConfigError(f"--workers {args.workers!r} must list worker counts >= 1, e.g. 1,2")
+    return run(args.n, args.read, args.resolution, args.quality, workers, args.batch_size, args.repeats, args.soak)
 
 
 def _cmd_bench_ops(args: argparse.Namespace) -> int:
@@ -259,12 +266,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="bench_command", required=True, metavar="BENCH_COMMAND")
     s = bench_sub.add_parser("data", help="streaming loader vs bare tar-read + decode loop (img/s, ratio)")
-    s.add_argument("--n", type=int, default=4000, help="images to write and read")
+    s.add_argument("--n", type=int, default=4000, help="JPEG images to write (default 4000)")
+    s.add_argument("--read", type=int, default=None, help="images each measurement streams (default 3 x --n)")
     s.add_argument("--resolution", type=int, default=256)
     s.add_argument("--quality", type=int, default=90, help="JPEG quality")
-    s.add_argument("--workers", default="1,2", help="comma-separated worker counts")
+    s.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best counts")
+    s.add_argument(
+        "--soak", type=float, default=0, metavar="SECONDS", help="instead: stream this long, table of worker memory"
+    )
     s.set_defaults(func=_cmd_bench_data)
     s = bench_sub.add_parser(
         "ops", help="ref vs Triton per op on StyleGAN2 shapes (ms, GB/s, speed-up); no CUDA: correctness only"

@@ -9,13 +9,12 @@ worth, so that starting the processes weighs about as little as it does in train
     bare    N processes that read the same tar members (the same shards, drawn by the same `ShardSchedule`,
             with the same tar reader and fsspec opener) and decode them with the same decoder, discarding the
             result
-best of `repeats` passes (the first pass also warms the page cache), and prints a markdown table with both
+best of `repeats` alternating passes of each (the first also warms the page cache), and prints a markdown table with both
 rates, their ratio and the loader's img/s per worker.
 """
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import os
 import tempfile
@@ -115,6 +114,60 @@ def loader_rate(url: str, workers: int, read: int, batch_size: int, resolution: 
     return n / (time.perf_counter() - start)
 
 
+def _resident_mib(pid: int) -> tuple[int, int]:
+    """(private, shared-memory) resident MiB of a process, from /proc (Linux)."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("RssAnon", "RssShmem"):
+                fields[key] = int(value.split()[0]) // 1024
+    return fields["RssAnon"], fields["RssShmem"]
+
+
+@dataclass
+class SoakSample:
+    seconds: float
+    images: int
+    workers: list[tuple[int, int]]  # per worker: (private, shared-memory) resident MiB
+
+
+def soak(url: str, workers: int, seconds: float, batch_size: int, resolution: int) -> list[SoakSample]:
+    """Stream for `seconds` as training does and sample each worker's resident memory ten times."""
+    dataset = StreamDataset(
+        open_source(url), seed=_SEED, batch_size=batch_size, resolution=resolution, xflip=True, num_workers=workers
+    )
+    before = {p.pid for p in mp.active_children()}
+    it = iter(make_loader(dataset, pin_memory=False))
+    images = len(next(it)["key"])  # the workers are running from here on
+    pids = [p.pid for p in mp.active_children() if p.pid is not None and p.pid not in before]
+    samples: list[SoakSample] = []
+    start = time.perf_counter()
+    due = 0.0
+    while True:
+        elapsed = time.perf_counter() - start
+        if elapsed >= due:
+            samples.append(SoakSample(elapsed, images, [_resident_mib(pid) for pid in pids]))
+            if elapsed >= seconds:
+                return samples
+            due = min(due + seconds / 10, seconds)
+        images += len(next(it)["key"])
+
+
+def format_soak(samples: list[SoakSample], resolution: int) -> str:
+    lines = [
+        f"Worker memory while streaming {resolution}x{resolution} JPEG batches ({len(samples[0].workers)} workers)",
+        "",
+        "| seconds | images | private MiB per worker | shared-memory MiB per worker |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    for s in samples:
+        private = " / ".join(str(p) for p, _ in s.workers)
+        shared = " / ".join(str(m) for _, m in s.workers)
+        lines.append(f"| {s.seconds:.0f} | {s.images} | {private} | {shared} |")
+    return "\n".join(lines)
+
+
 def run_bench(
     n: int = 4000,
     read: int | None = None,
@@ -132,8 +185,11 @@ def run_bench(
         read = read or 3 * n
         rows = []
         for w in workers:
-            bare = max(bare_rate(url, w, read, batch_size) for _ in range(repeats))
-            loader = max(loader_rate(url, w, read, batch_size, resolution) for _ in range(repeats))
+            # Alternating passes, so that a slow spell of a shared machine hits both sides alike.
+            bare = loader = 0.0
+            for _ in range(repeats):
+                bare = max(bare, bare_rate(url, w, read, batch_size))
+                loader = max(loader, loader_rate(url, w, read, batch_size, resolution))
             rows.append(BenchRow(w, loader, bare))
         return rows
 
@@ -154,22 +210,25 @@ def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int, re
     return "\n".join(lines)
 
 
-def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4000, help="images to write (default 4000)")
-    parser.add_argument("--read", type=int, default=None, help="images each measurement streams (default 3 x --n)")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--quality", type=int, default=90)
-    parser.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement; the best counts")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None, args: argparse.Namespace | None = None) -> int:
-    args = args or build_parser().parse_args(argv)
-    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
-    read = args.read or 3 * args.n
-    rows = run_bench(args.n, read, args.resolution, args.quality, workers, args.batch_size, args.repeats)
-    print(format_table(rows, args.resolution, args.quality, args.n, read))
+def run(
+    n: int = 4000,
+    read: int | None = None,
+    resolution: int = 256,
+    quality: int = 90,
+    workers: Sequence[int] = (1, 2),
+    batch_size: int = 32,
+    repeats: int = 3,
+    soak_seconds: float = 0.0,
+) -> int:
+    """Measure and print the table (`ganpipe bench data`); with `soak_seconds`, the worker-memory table of a
+    stream that long through max(workers) workers instead. Exits 0."""
+    if soak_seconds > 0:
+        with tempfile.TemporaryDirectory(prefix="ganpipe-bench-") as tmp:
+            url = os.path.join(tmp, "shards")
+            write_bench_shards(url, n, resolution, quality, per_shard=250)
+            print(format_soak(soak(url, max(workers), soak_seconds, batch_size, resolution), resolution))
+        return 0
+    read = read or 3 * n
+    rows = run_bench(n, read, resolution, quality, workers, batch_size, repeats)
+    print(format_table(rows, resolution, quality, n, read))
     return 0

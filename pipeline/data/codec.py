@@ -2,7 +2,7 @@
 benchmark, so that every path decodes exactly alike.
 
 Contract:
-- `decode_array(data, channels, flip)` returns a uint8 [H, W, C] numpy array or raises `ImageDecodeError`, whose
+- `decode_array(data, channels)` returns a uint8 [H, W, C] numpy array or raises `ImageDecodeError`, whose
   `kind` says whether the bytes are not an image at all (`not_an_image`) or an image that fails to decode
   (`corrupt_image`, e.g. a truncated JPEG). It never returns a partially decoded image.
 - `encode_image(array, fmt, quality)` is deterministic: the same pixels and options give the same bytes.
@@ -36,11 +36,8 @@ class ImageDecodeError(ValueError):
         self.kind = kind
 
 
-def decode_array(data: bytes, channels: int = 3, flip: bool = False) -> np.ndarray:
-    """Encoded image -> uint8 [H, W, channels], mirrored left-right when `flip`; raises `ImageDecodeError`.
-
-    The mirror is PIL's, on its 4-byte pixels before they are packed into the array: half the cost of mirroring
-    the packed HWC bytes afterwards."""
+def decode_array(data: bytes, channels: int = 3) -> np.ndarray:
+    """Encoded image -> uint8 [H, W, channels]; raises `ImageDecodeError`."""
     mode = PIL_MODES[channels]
     try:
         im = Image.open(io.BytesIO(data))
@@ -54,7 +51,7 @@ def decode_array(data: bytes, channels: int = 3, flip: bool = False) -> np.ndarr
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()  # decode now, inside the try, so a truncated file is caught here and not later
             im_mode = im if im.mode == mode else im.convert(mode)
-            array = np.asarray(im_mode.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else im_mode)
+            array = np.asarray(im_mode)
     except (
         OSError,
         ValueError,

@@ -57,3 +57,27 @@ def test_bare_loop_reads_the_loaders_tar_members(tmp_path: Path) -> None:
         assert len(bare_keys) == n == len(loader_keys[w])
         per_shard = Counter(int(k) // 8 for k in bare_keys)
         assert per_shard == Counter(int(k) // 8 for k in loader_keys[w]) and len(per_shard) >= 3
+
+
+def test_bad_worker_list_is_one_line_and_exit_2(capsys) -> None:
+    from pipeline.cli import main
+
+    assert main(["bench", "data", "--workers", "1,two"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--workers '1,two'" in err and "e.g. 1,2" in err
+    assert main(["bench", "data", "--workers", "0"]) == 2
+
+
+def test_soak_samples_worker_memory(tmp_path: Path) -> None:
+    """`--soak`: ten samples after the first over the stream, each with both workers' resident memory."""
+    from pipeline.data.bench import format_soak, soak
+
+    url = str(tmp_path / "shards")
+    write_bench_shards(url, 64, 16, 90, per_shard=16)
+    samples = soak(url, workers=2, seconds=1.0, batch_size=8, resolution=16)
+    assert len(samples) == 11 and samples[-1].seconds >= 1.0
+    assert all(b.images > a.images for a, b in zip(samples, samples[1:]))
+    assert all(len(s.workers) == 2 and min(p for p, _ in s.workers) > 0 for s in samples)
+    # A tiny stream reaches its working set at once: private memory stays within a few MiB of the first sample.
+    assert max(p for p, _ in samples[-1].workers) <= max(p for p, _ in samples[1].workers) + 16
+    assert "| seconds | images | private MiB per worker |" in format_soak(samples, 16)

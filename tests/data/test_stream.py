@@ -103,9 +103,9 @@ def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     real = stream.decode_array
 
-    def counting(data: bytes, channels: int, flip: bool = False) -> np.ndarray:
+    def counting(data: bytes, channels: int) -> np.ndarray:
         calls.append(1)
-        return real(data, channels, flip)
+        return real(data, channels)
 
     monkeypatch.setattr(stream, "decode_array", counting)
     return calls
