@@ -9,8 +9,8 @@ worth, so that starting the processes weighs about as little as it does in train
     bare    N processes that read the same tar members (the same shards, drawn by the same `ShardSchedule`,
             with the same tar reader and fsspec opener) and decode them with the same decoder, discarding the
             result
-best of `repeats` alternating passes of each (the first also warms the page cache), and prints a markdown table with both
-rates, their ratio and the loader's img/s per worker.
+best of `repeats` alternating passes of each (the first also warms the page cache), and prints a markdown table
+with both rates, their ratio and the loader's img/s per worker.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from pipeline.errors import ConfigError
 from pipeline.ops._dispatch import ENV_VAR as OPS_ENV_VAR
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
 from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
-from pipeline.train.distributed import GANStrategy, is_global_zero_from_env, slurm_environment
+from pipeline.train.distributed import GANStrategy, is_global_zero_from_env, leave_process_group, slurm_environment
 from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
 from pipeline.train.task import GANTask
 
@@ -279,6 +279,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
     trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
     checkpoints = list_checkpoints(cfg.run_dir)
     requeued = requeue_if_requested(preemption, trainer.is_global_zero)
+    leave_process_group()
     return TrainResult(
         cfg.run_dir, checkpoints[-1] if checkpoints else None, task.cur_nimg / 1000, task.preempted, requeued
     )

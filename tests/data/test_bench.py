@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_soak_samples_worker_memory(tmp_path: Path) -> None:
     write_bench_shards(url, 64, 16, 90, per_shard=16)
     samples = soak(url, workers=2, seconds=1.0, batch_size=8, resolution=16)
     assert len(samples) == 11 and samples[-1].seconds >= 1.0
-    assert all(b.images > a.images for a, b in zip(samples, samples[1:]))
+    assert all(b.images > a.images for a, b in itertools.pairwise(samples))
     assert all(len(s.workers) == 2 and min(p for p, _ in s.workers) > 0 for s in samples)
     # A tiny stream reaches its working set at once: private memory stays within a few MiB of the first sample.
     assert max(p for p, _ in samples[-1].workers) <= max(p for p, _ in samples[1].workers) + 16

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 
 from pipeline.config import config_from_dict
 from pipeline.objectives import Phase
+from pipeline.train.distributed import leave_process_group
 from pipeline.train.run import build_trainer
 from pipeline.train.task import GANTask
 
@@ -109,6 +110,7 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict[str, Any], rows: st
     for var in [v for v in os.environ if v.startswith("SLURM_")]:
         del os.environ[var]  # a test runner inside a Slurm job must not make Lightning take Slurm's ranks
     state = _train(cfg_dict, rows)
+    leave_process_group()
     torch.save(state, f"{out}-{rank}.pt")
 
 
