@@ -95,6 +95,11 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers {args.workers!r} must be comma-separated integers, e.g. 1,2") from None
     if not workers or min(workers) < 1:
         raise ConfigError(f"--workers {args.workers!r} must list worker counts >= 1, e.g. 1,2")
+    for flag, value in (("--n", args.n), ("--batch-size", args.batch_size), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} must be >= 1")
+    if args.read is not None and args.read < args.batch_size:
+        raise ConfigError(f"--read {args.read} must be at least --batch-size ({args.batch_size})")
     return run(args.n, args.read, args.resolution, args.quality, workers, args.batch_size, args.repeats, args.soak)
 
 

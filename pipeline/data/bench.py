@@ -5,7 +5,7 @@ photos at that quality), then measures, for each worker count N, a stream of `re
 worth, so that starting the processes weighs about as little as it does in training):
     loader  the streaming loader as training runs it (`StreamDataset` in its default resampled mode +
             DataLoader, N workers): tar reading, shuffle buffer, decode, x-flip, batching into shared memory,
-            hand-over to the main process
+            hand-over to the main process (not the copy into pinned memory that a CUDA host adds, in a thread)
     bare    N processes that read the same tar members (the same shards, drawn by the same `ShardSchedule`,
             with the same tar reader and fsspec opener) and decode them with the same decoder, discarding the
             result
@@ -141,17 +141,14 @@ def soak(url: str, workers: int, seconds: float, batch_size: int, resolution: in
     it = iter(make_loader(dataset, pin_memory=False))
     images = len(next(it)["key"])  # the workers are running from here on
     pids = [p.pid for p in mp.active_children() if p.pid is not None and p.pid not in before]
-    samples: list[SoakSample] = []
     start = time.perf_counter()
-    due = 0.0
-    while True:
-        elapsed = time.perf_counter() - start
-        if elapsed >= due:
-            samples.append(SoakSample(elapsed, images, [_resident_mib(pid) for pid in pids]))
-            if elapsed >= seconds:
-                return samples
-            due = min(due + seconds / 10, seconds)
+    samples = [SoakSample(0.0, images, [_resident_mib(pid) for pid in pids])]
+    for i in range(1, 11):  # at least one batch between samples, however far behind schedule
         images += len(next(it)["key"])
+        while time.perf_counter() - start < seconds * i / 10:
+            images += len(next(it)["key"])
+        samples.append(SoakSample(time.perf_counter() - start, images, [_resident_mib(pid) for pid in pids]))
+    return samples
 
 
 def format_soak(samples: list[SoakSample], resolution: int) -> str:

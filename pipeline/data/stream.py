@@ -893,11 +893,19 @@ class StreamLoader(DataLoader):
 
     dataset: StreamDataset
 
+    def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:
+        if kwargs.get("persistent_workers"):
+            # Workers keep the pool board of the pass that started them; each pass needs fresh ones.
+            raise ValueError("StreamLoader needs persistent_workers=False: each pass starts its own workers")
+        super().__init__(dataset, **kwargs)
+
     def __iter__(self) -> Iterator[Any]:
         # A new board per pass: a batch kept from an earlier pass can only ever release its own board's slot.
         board = _PoolBoard(self.num_workers * POOL_SLOTS) if self.num_workers > 0 else None
         self.dataset.pool_board = board
         it = super().__iter__()  # starts the workers, which take the board with the dataset
+        # From here on only the iterator holds the board (and the buffers it maps): they go with the pass.
+        self.dataset.pool_board = None
 
         def clean() -> Iterator[Any]:
             try:
@@ -916,7 +924,7 @@ class _LenIterator:
 
     def __init__(self, gen: Iterator[Any], inner: Any, board: _PoolBoard | None) -> None:
         self._gen, self._inner = gen, inner
-        self._board = board  # keeps the pass's pool board registered while batches may still arrive
+        self.pool_board = board  # keeps the pass's pool board registered while batches may still arrive
 
     def __iter__(self) -> _LenIterator:
         return self

@@ -67,6 +67,8 @@ def test_bad_worker_list_is_one_line_and_exit_2(capsys) -> None:
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--workers '1,two'" in err and "e.g. 1,2" in err
     assert main(["bench", "data", "--workers", "0"]) == 2
+    assert main(["bench", "data", "--repeats", "0"]) == 2
+    assert main(["bench", "data", "--read", "8", "--batch-size", "32"]) == 2
 
 
 def test_soak_samples_worker_memory(tmp_path: Path) -> None:

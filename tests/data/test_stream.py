@@ -181,6 +181,19 @@ def test_xflip_mirrors_about_half_and_is_deterministic(shards: str) -> None:
     assert 8 <= flipped <= 32
 
 
+def test_crop_then_flip(shards: str) -> None:
+    """A flipped, cropped sample is the mirror image of its crop window."""
+    ds = ShardDataset(shards)
+    batches, _ = _train(shards, resolution=8, num_batches=4, xflip=True)
+    flipped = 0
+    for b in batches:
+        for i, key in enumerate(b["key"]):
+            window = ds[int(key)]["image"][:, 4:12, 4:12]
+            assert torch.equal(b["image"][i], window) or torch.equal(b["image"][i], window.flip(-1))
+            flipped += not torch.equal(b["image"][i], window)
+    assert flipped > 0
+
+
 def test_larger_images_are_cropped_center_or_random(shards: str) -> None:
     ds = ShardDataset(shards)
     centre, _ = _train(shards, resolution=8, num_batches=2)
@@ -222,14 +235,15 @@ def test_recycled_worker_buffers_never_overwrite_a_held_batch(shards: str) -> No
     loader = make_loader(StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=2,
                                        num_batches=6 * POOL_SLOTS), pin_memory=False)  # fmt: skip
     held, seen = [], 0
-    for i, batch in enumerate(loader):
+    it = iter(loader)
+    for i, batch in enumerate(it):
         assert isinstance(batch["image"], torch.Tensor) and batch["image"].shape == (2, 3, 16, 16)
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
         seen += 1
         if i % 3 == 0:
             held.append(batch)  # kept for the whole stream: its buffer must never be handed out again
-    board = loader.dataset.pool_board
-    assert seen == 6 * POOL_SLOTS and board is not None
+    board = it.pool_board
+    assert seen == 6 * POOL_SLOTS and board is not None and loader.dataset.pool_board is None
     # Buffers were sent once per slot, not once per batch: fewer mapped buffers than batches.
     assert 0 < len(board.buffers) <= 2 * POOL_SLOTS < seen
     for batch in held:
@@ -271,24 +285,28 @@ def test_pool_sends_each_buffer_once_and_reuses_it_only_when_released() -> None:
 
 
 def test_pooled_batches_survive_pinning_and_partial_last_batch(shards: str) -> None:
-    """With pinning (a copy in the DataLoader's pin thread) each pooled batch is released as soon as it was copied;
-    a `once` pass ends with a partial batch out of a pooled buffer. Pinning needs CUDA; without it the unpinned
-    path is checked the same way."""
+    """With pinning (a copy in the DataLoader's pin thread) a pooled batch's slot is released as soon as it was
+    copied, so slots are reused while the pinned copies are still held, and those stay intact; without pinning
+    (no CUDA here) held batches keep their slots. A `once` pass ends with a partial batch out of a pooled buffer."""
     import gc
 
     truth = ShardDataset(shards)
     pin = torch.cuda.is_available()
-    ds = StreamDataset(open_source(shards), seed=0, batch_size=7, resolution=16, mode="once", num_workers=2)
-    batches = [b for b in make_loader(ds, pin_memory=pin) if "key" in b]
-    assert sorted(len(b["key"]) for b in batches)[0] < 7  # a partial batch at the end of a worker's shards
+    ds = StreamDataset(open_source(shards), seed=0, batch_size=4, resolution=16, mode="once", num_workers=2)
+    it = iter(make_loader(ds, pin_memory=pin))
+    batches = [b for b in it if "key" in b]
+    board = it.pool_board
+    assert sorted(len(b["key"]) for b in batches)[0] < 4  # a partial batch at the end of a worker's shards
     assert sum(len(b["key"]) for b in batches) == len(truth)
     for batch in batches:
         assert batch["image"].is_pinned() == pin
         for j, key in enumerate(batch["key"]):
             assert torch.equal(batch["image"][j], truth[int(key)]["image"]), key
+    held = int(board.flags.sum())
+    assert held == 0 if pin else held > 0
     del batch, batches
     gc.collect()
-    assert int(ds.pool_board.flags.sum()) == 0
+    assert int(board.flags.sum()) == 0
 
 
 def test_monitor_counts_and_positions(shards: str) -> None:
@@ -298,3 +316,11 @@ def test_monitor_counts_and_positions(shards: str) -> None:
     assert monitor.positions().tolist() == [[last[s].visit, last[s].offset] for s in (0, 1)]
     values = StreamMonitor.log_values(monitor.counters())
     assert values["Data/good"] == 28 and values["Data/bad_fraction"] == 0 and "Data/bad/corrupt_image" in values
+
+
+def test_stream_loader_refuses_persistent_workers(shards: str) -> None:
+    from pipeline.data.stream import StreamLoader
+
+    ds = StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=1)
+    with pytest.raises(ValueError, match="persistent_workers=False"):
+        StreamLoader(ds, batch_size=None, num_workers=1, persistent_workers=True)
