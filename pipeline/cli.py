@@ -86,7 +86,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
-    from pipeline.data.bench import run
+    from pipeline.data.bench import bench_shards, format_soak, format_table, run_bench, soak
     from pipeline.errors import ConfigError
 
     try:
@@ -100,7 +100,15 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} {value} must be >= 1")
     if args.read is not None and args.read < args.batch_size:
         raise ConfigError(f"--read {args.read} must be at least --batch-size ({args.batch_size})")
-    return run(args.n, args.read, args.resolution, args.quality, workers, args.batch_size, args.repeats, args.soak)
+    with bench_shards(args.n, args.resolution, args.quality) as url:
+        if args.soak > 0:
+            samples = soak(url, max(workers), args.soak, args.batch_size, args.resolution)
+            print(format_soak(samples, args.resolution))
+        else:
+            read = args.read or 3 * args.n
+            rows = run_bench(url, read, args.resolution, workers, args.batch_size, args.repeats)
+            print(format_table(rows, args.resolution, args.quality, args.n, read))
+    return 0
 
 
 def _cmd_bench_ops(args: argparse.Namespace) -> int:

@@ -211,14 +211,15 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of builtins (safe for JSON, YAML and `torch.load(weights_only=True)`)."""
-        return _plain(dataclasses.asdict(self))
+        return plain_builtins(dataclasses.asdict(self))
 
 
-def _plain(obj: Any) -> Any:
+def plain_builtins(obj: Any) -> Any:
+    """Dicts of any mapping type to plain dicts and tuples to lists, recursively (JSON- and YAML-friendly)."""
     if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: plain_builtins(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [plain_builtins(v) for v in obj]
     return obj
 
 

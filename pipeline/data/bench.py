@@ -20,6 +20,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -165,30 +166,35 @@ def format_soak(samples: list[SoakSample], resolution: int) -> str:
     return "\n".join(lines)
 
 
-def run_bench(
-    n: int = 4000,
-    read: int | None = None,
-    resolution: int = 256,
-    quality: int = 90,
-    workers: Sequence[int] = (1, 2),
-    batch_size: int = 32,
-    repeats: int = 3,
-    per_shard: int = 250,
-    url: str | None = None,
-) -> list[BenchRow]:
+@contextmanager
+def bench_shards(
+    n: int = 4000, resolution: int = 256, quality: int = 90, per_shard: int = 250, url: str | None = None
+) -> Iterator[str]:
+    """A folder of freshly written bench shards (`url`, or a temporary one removed afterwards)."""
     with tempfile.TemporaryDirectory(prefix="ganpipe-bench-") as tmp:
         url = url or os.path.join(tmp, "shards")
         write_bench_shards(url, n, resolution, quality, per_shard)
-        read = read or 3 * n
-        rows = []
-        for w in workers:
-            # Alternating passes, so that a slow spell of a shared machine hits both sides alike.
-            bare = loader = 0.0
-            for _ in range(repeats):
-                bare = max(bare, bare_rate(url, w, read, batch_size))
-                loader = max(loader, loader_rate(url, w, read, batch_size, resolution))
-            rows.append(BenchRow(w, loader, bare))
-        return rows
+        yield url
+
+
+def run_bench(
+    url: str,
+    read: int,
+    resolution: int = 256,
+    workers: Sequence[int] = (1, 2),
+    batch_size: int = 32,
+    repeats: int = 3,
+) -> list[BenchRow]:
+    """Loader and bare-loop rates over the shards at `url`, per worker count."""
+    rows = []
+    for w in workers:
+        # Alternating passes, so that a slow spell of a shared machine hits both sides alike.
+        bare = loader = 0.0
+        for _ in range(repeats):
+            bare = max(bare, bare_rate(url, w, read, batch_size))
+            loader = max(loader, loader_rate(url, w, read, batch_size, resolution))
+        rows.append(BenchRow(w, loader, bare))
+    return rows
 
 
 def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int, read: int) -> str:
@@ -205,27 +211,3 @@ def format_table(rows: list[BenchRow], resolution: int, quality: int, n: int, re
             f"{r.loader_img_s / r.workers:.0f} |"
         )
     return "\n".join(lines)
-
-
-def run(
-    n: int = 4000,
-    read: int | None = None,
-    resolution: int = 256,
-    quality: int = 90,
-    workers: Sequence[int] = (1, 2),
-    batch_size: int = 32,
-    repeats: int = 3,
-    soak_seconds: float = 0.0,
-) -> int:
-    """Measure and print the table (`ganpipe bench data`); with `soak_seconds`, the worker-memory table of a
-    stream that long through max(workers) workers instead. Exits 0."""
-    if soak_seconds > 0:
-        with tempfile.TemporaryDirectory(prefix="ganpipe-bench-") as tmp:
-            url = os.path.join(tmp, "shards")
-            write_bench_shards(url, n, resolution, quality, per_shard=250)
-            print(format_soak(soak(url, max(workers), soak_seconds, batch_size, resolution), resolution))
-        return 0
-    read = read or 3 * n
-    rows = run_bench(n, read, resolution, quality, workers, batch_size, repeats)
-    print(format_table(rows, resolution, quality, n, read))
-    return 0

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import config_from_dict
+from pipeline.config import config_from_dict, plain_builtins
 from pipeline.errors import ExportError, GanpipeError
 from pipeline.export import ExportedGenerator, write_export
 from pipeline.models import get_family
@@ -82,7 +82,7 @@ class PersistentObject:
         return default
 
     def init_kwargs(self) -> dict[str, Any]:
-        return _plain(self.state.get("_init_kwargs") or {})
+        return plain_builtins(self.state.get("_init_kwargs") or {})  # EasyDicts, OrderedDicts
 
 
 class EasyDictStandIn(dict):
@@ -179,15 +179,6 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise ConvertError("the pickle uses persistent ids (a torch.save file?): pass an NVIDIA network snapshot")
-
-
-def _plain(obj: Any) -> Any:
-    """EasyDicts and OrderedDicts to plain dicts, tuples to lists (JSON-friendly kwargs)."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def read_nvlabs_pickle(url: str) -> dict[str, Any]:

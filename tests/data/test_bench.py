@@ -10,6 +10,7 @@ from pathlib import Path
 from pipeline.data.bench import (
     _SEED,
     bare_samples,
+    bench_shards,
     format_table,
     images_per_worker,
     run_bench,
@@ -21,7 +22,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_table() -> None:
-    rows = run_bench(n=96, read=200, resolution=32, workers=(1,), batch_size=8, repeats=1, per_shard=16)
+    with bench_shards(n=96, resolution=32, per_shard=16) as url:
+        rows = run_bench(url, read=200, resolution=32, workers=(1,), batch_size=8, repeats=1)
     assert len(rows) == 1 and rows[0].loader_img_s > 0 and rows[0].bare_img_s > 0
     table = format_table(rows, 32, 90, 96, 200)
     assert "| workers | loader img/s | bare decode img/s | ratio | loader img/s per worker |" in table
