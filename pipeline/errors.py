@@ -16,6 +16,10 @@ class DatasetError(GanpipeError, ValueError):
     """A dataset URL, manifest or shard cannot be used."""
 
 
+class WorkerError(GanpipeError, RuntimeError):
+    """A data loader worker process died mid-stream (killed, out of memory, crashed)."""
+
+
 class CheckpointError(GanpipeError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not fit the model."""
 

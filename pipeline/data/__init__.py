@@ -35,6 +35,7 @@ from pipeline.data.synth import (
     synthetic_sample,
     write_synthetic_dataset,
 )
+from pipeline.data.workers import StreamLoader
 from pipeline.errors import DatasetError
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "ShardWriter",
     "SlotReport",
     "StreamDataset",
+    "StreamLoader",
     "StreamMonitor",
     "StreamOptions",
     "StreamState",

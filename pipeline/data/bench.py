@@ -4,8 +4,8 @@ It writes JPEG shards itself (256x256, quality 90 by default; smooth gradients w
 photos at that quality), then measures, for each worker count N, a stream of `read` images (several passes'
 worth, so that starting the processes weighs about as little as it does in training):
     loader  the streaming loader as training runs it (`StreamDataset` in its default resampled mode +
-            DataLoader, N workers): tar reading, shuffle buffer, decode, x-flip, batching into shared memory,
-            hand-over to the main process (not the copy into pinned memory that a CUDA host adds, in a thread)
+            `StreamLoader`, N worker processes): tar reading, shuffle buffer, decode, x-flip, batching into
+            shared memory, hand-over to the main process (not the copy into pinned memory that a CUDA host adds)
     bare    N processes that read the same tar members (the same shards, drawn by the same `ShardSchedule`,
             with the same tar reader and fsspec opener) and decode them with the same decoder, discarding the
             result
@@ -28,7 +28,8 @@ import numpy as np
 
 from pipeline.data.codec import decode_array, encode_image
 from pipeline.data.shards import ShardWriter
-from pipeline.data.stream import ShardSchedule, StreamDataset, StreamOptions, _iter_shard, make_loader, open_source
+from pipeline.data.stream import ShardSchedule, StreamDataset, StreamOptions, _iter_shard, open_source
+from pipeline.data.workers import StreamLoader, StreamPass
 
 
 @dataclass
@@ -111,7 +112,7 @@ def loader_rate(url: str, workers: int, read: int, batch_size: int, resolution: 
         num_batches=read // batch_size,
     )
     start = time.perf_counter()
-    n = sum(len(b["key"]) for b in make_loader(dataset, pin_memory=False))
+    n = sum(len(b["key"]) for b in StreamLoader(dataset, pin_memory=False))
     return n / (time.perf_counter() - start)
 
 
@@ -138,10 +139,9 @@ def soak(url: str, workers: int, seconds: float, batch_size: int, resolution: in
     dataset = StreamDataset(
         open_source(url), seed=_SEED, batch_size=batch_size, resolution=resolution, xflip=True, num_workers=workers
     )
-    before = {p.pid for p in mp.active_children()}
-    it = iter(make_loader(dataset, pin_memory=False))
-    images = len(next(it)["key"])  # the workers are running from here on
-    pids = [p.pid for p in mp.active_children() if p.pid is not None and p.pid not in before]
+    it = StreamPass(dataset, pin_memory=False)
+    images = len(next(it)["key"])
+    pids = it.worker_pids
     start = time.perf_counter()
     samples = [SoakSample(0.0, images, [_resident_mib(pid) for pid in pids])]
     for i in range(1, 11):  # at least one batch between samples, however far behind schedule

@@ -9,8 +9,8 @@ Where data comes from
     shard), never required.
 
 How the stream is defined (the contract that makes exact resume possible)
-    The job has S = world_size x K "slots", K = max(1, num_workers); rank r's DataLoader worker w serves slot
-    r*K + (w + steps_done) % K (the rotation makes the DataLoader's round-robin over workers continue where an
+    The job has S = world_size x K "slots", K = max(1, num_workers); rank r's loader worker w serves slot
+    r*K + (w + steps_done) % K (the rotation makes the loader's round-robin over workers continue where an
     uninterrupted run would be). Each slot reads an endless (training) or finite (`once`) sequence of shard
     *visits*; visit v of slot s reads shard
         resample (training default): splitmix(seed, s, v) mod num_shards (shards drawn with replacement)
@@ -45,13 +45,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import logging
 import random
 import re
 import tarfile
 import time
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
@@ -59,12 +57,12 @@ from typing import Any, Literal, NamedTuple
 import fsspec
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.data.codec import IMAGE_EXTENSIONS, PIL_MODES, ImageDecodeError, decode_array
 from pipeline.data.shards import Manifest, dataset_root, read_manifest
+from pipeline.data.workers import BufferPool, PooledImages, StreamLoader
 from pipeline.errors import DatasetError, require
 
 log = logging.getLogger(__name__)
@@ -598,114 +596,8 @@ class _SlotReader:
 # The dataset and its loader
 
 
-def _shared_uint8(shape: tuple[int, ...], in_worker: bool) -> torch.Tensor:
-    """A uint8 tensor; in a worker, allocated in shared memory so the batch crosses to the trainer uncopied."""
-    if not in_worker:
-        return torch.empty(shape, dtype=torch.uint8)
-    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
-    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
-
-
-POOL_SLOTS = 8  # batch buffers a worker recycles: prefetch_factor (4) + the trainer's current and next + spare
-
-
-class _PoolBoard:
-    """The trainer-side half of the workers' batch-buffer pools for one pass of a `StreamLoader`.
-
-    `flags` is a byte per (worker, slot) in shared memory: a worker sets it when a batch leaves in that slot's
-    buffer, and the trainer clears it when the last tensor on that batch is freed. `buffers` maps each slot to
-    its buffer as mapped in the trainer: a buffer crosses the process boundary once (one fd hand-over and one
-    mmap), after which its batches travel as (slot, count). `token` names the board across processes; live
-    boards are found through `_BOARDS`, because a batch is unpickled inside DataLoader machinery (possibly its
-    pin-memory thread) that we cannot hand arguments to."""
-
-    def __init__(self, slots: int) -> None:
-        self.flags_tensor = torch.zeros(slots, dtype=torch.uint8).share_memory_()
-        self.token = next(_BOARD_TOKENS)
-        self.buffers: dict[int, torch.Tensor] = {}
-        _BOARDS[self.token] = self
-
-    @property
-    def flags(self) -> np.ndarray:
-        return self.flags_tensor.numpy()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"flags_tensor": self.flags_tensor, "token": self.token}  # workers need no mapped buffers
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.flags_tensor, self.token, self.buffers = state["flags_tensor"], state["token"], {}
-
-    def attach(self, index: int, count: int, buffer: torch.Tensor | None) -> torch.Tensor:
-        """The [count, C, H, W] images of a batch that arrived in pool slot `index` (with its buffer the first
-        time). Their storage is a view of their own on the mapped buffer, so its finalizer fires exactly when the
-        trainer frees the batch (or, with pinned memory, as soon as it was copied) and frees the slot."""
-        if buffer is not None:
-            self.buffers[index] = buffer
-        images = torch.from_numpy(self.buffers[index].numpy()[:count])
-        weakref.finalize(images.untyped_storage(), _release_slot, self.flags_tensor, index)
-        return images.permute(0, 3, 1, 2)
-
-
-# Live boards of this process by token; an entry vanishes with the last iterator of its loader pass.
-_BOARDS: weakref.WeakValueDictionary[int, _PoolBoard] = weakref.WeakValueDictionary()
-_BOARD_TOKENS = itertools.count(1)
-
-
-def _release_slot(flags: torch.Tensor, index: int) -> None:
-    flags.numpy()[index] = 0
-
-
-def _attach_pooled(token: int, index: int, count: int, buffer: torch.Tensor | None) -> torch.Tensor:
-    board = _BOARDS.get(token)
-    if board is None:
-        raise DatasetError("a batch arrived after its data loader was closed: iterate the loader again")
-    return board.attach(index, count, buffer)
-
-
-class _PooledImages:
-    """A batch's images in a worker's pooled buffer, as they cross to the trainer: pickled as (slot, count), plus
-    the buffer itself the first time that slot's buffer is sent; unpickled as the images (`_PoolBoard.attach`)."""
-
-    def __init__(self, token: int, index: int, count: int, buffer: torch.Tensor | None) -> None:
-        self.token, self.index, self.count, self.buffer = token, index, count, buffer
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _attach_pooled, (self.token, self.index, self.count, self.buffer)
-
-
-class _BufferPool:
-    """Recycled shared-memory batch buffers of one worker.
-
-    A fresh shared-memory buffer per batch costs a page fault per 4 KiB page in the worker, and an fd hand-over
-    (a socket round trip through a helper thread) and an mmap in the trainer. So each worker keeps `POOL_SLOTS`
-    buffers, sends each to the trainer once, and reuses one only when the trainer has released it (see
-    `_PoolBoard`). A batch is never overwritten while anything still holds it; when every slot is busy the batch
-    gets a fresh, unpooled buffer, so the worker never waits."""
-
-    def __init__(self, board: _PoolBoard, first: int) -> None:
-        self.board, self.flags, self.first = board, board.flags, first
-        self.buffers: list[torch.Tensor | None] = [None] * POOL_SLOTS
-        self.sent = [False] * POOL_SLOTS
-
-    def acquire(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, int | None]:
-        """(buffer, slot) of a free slot, or (fresh buffer, None) when all are in use."""
-        for i, buf in enumerate(self.buffers):
-            if self.flags[self.first + i] == 0:
-                if buf is None or tuple(buf.shape) != shape:
-                    buf = self.buffers[i] = _shared_uint8(shape, in_worker=True)
-                    self.sent[i] = False
-                self.flags[self.first + i] = 1
-                return buf, i
-        return _shared_uint8(shape, in_worker=True), None
-
-    def images(self, slot: int, count: int) -> _PooledImages:
-        buffer = None if self.sent[slot] else self.buffers[slot]
-        self.sent[slot] = True
-        return _PooledImages(self.board.token, self.first + slot, count, buffer)
-
-
-class StreamDataset(IterableDataset):
-    """The stream of one rank (see the module docstring).
+class StreamDataset:
+    """The stream of one rank (see the module docstring); `StreamLoader` runs it over its worker processes.
 
     With `batch_size`, yields batches {"image": uint8 [B, C, H, W] (channels_last memory format), "label": int64
     numpy [B] (-1 = none; `StreamLoader` hands it out as a tensor), "caption": list[str], "key": list[str],
@@ -759,8 +651,6 @@ class StreamDataset(IterableDataset):
         if len(self.positions) != self.slots_per_rank:
             raise ValueError(f"{len(self.positions)} positions for {self.slots_per_rank} slots per rank")
         self.rotation, self.num_batches = rotation, num_batches
-        # Set by StreamLoader for each pass over the workers (see `_BufferPool`); None = fresh buffers.
-        self.pool_board: _PoolBoard | None = None
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -768,16 +658,18 @@ class StreamDataset(IterableDataset):
         return self.num_batches
 
     def slot_of_worker(self, worker: int) -> int:
-        """The global slot that DataLoader worker `worker` of this rank serves."""
+        """The global slot that loader worker `worker` of this rank serves."""
         return self.rank * self.slots_per_rank + (worker + self.rotation) % self.slots_per_rank
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != self.slots_per_rank:
-            raise RuntimeError(
-                f"StreamDataset built for num_workers={self.num_workers} runs in a DataLoader with {workers}"
-            )
+        """The whole stream in this process (a dataset built for num_workers <= 1)."""
+        if self.slots_per_rank != 1:
+            raise RuntimeError(f"a StreamDataset for num_workers={self.num_workers} is iterated by StreamLoader")
+        return self.worker_items(0, None)
+
+    def worker_items(self, worker: int, pool: BufferPool | None) -> Iterator[dict[str, Any]]:
+        """The items of loader worker `worker`; batches are built in `pool`'s shared-memory buffers if given
+        (in a worker process), else in fresh ones."""
         slot = self.slot_of_worker(worker)
         visit, offset = self.positions[slot - self.rank * self.slots_per_rank]
         reader = _SlotReader(self, slot, visit, offset)
@@ -792,14 +684,14 @@ class StreamDataset(IterableDataset):
                 image = torch.from_numpy(hwc[0]).permute(2, 0, 1)  # [C, H, W] view of HWC memory (channels_last)
                 yield {"image": image, "label": s.label, "caption": s.caption, "key": s.key, "stream": reader.report()}
         else:
-            yield from self._batches(samples, reader, quota, in_worker=info is not None)
+            yield from self._batches(samples, reader, quota, pool)
         if self.mode == "once":
             yield {"stream": reader.report()}
 
     def _batches(
-        self, samples: Iterator[_Sample], reader: _SlotReader, quota: int | None, in_worker: bool
+        self, samples: Iterator[_Sample], reader: _SlotReader, quota: int | None, pool: BufferPool | None
     ) -> Iterator[dict[str, Any]]:
-        """Batches of `batch_size`; images are copied into one [B, H, W, C] buffer (in shared memory inside a
+        """Batches of `batch_size`; images are copied into one [B, H, W, C] buffer (from `pool` inside a
         worker) and handed out as its [B, C, H, W] view, i.e. in channels_last memory format: an HWC -> CHW
         copy would cost a sixth of a 256px JPEG decode, and convolutions take channels_last as it is."""
         assert self.batch_size is not None
@@ -810,12 +702,12 @@ class StreamDataset(IterableDataset):
         labels: list[int] = []
         captions: list[str] = []
         keys: list[str] = []
-        board = self.pool_board if in_worker else None
-        pool = _BufferPool(board, get_worker_info().id * POOL_SLOTS) if board is not None else None
         for s in samples:
             if images is None:
                 shape = (b, *s.image.shape)
-                images, pool_slot = pool.acquire(shape) if pool is not None else (_shared_uint8(shape, in_worker), None)
+                images, pool_slot = (
+                    pool.acquire(shape) if pool is not None else (torch.empty(shape, dtype=torch.uint8), None)
+                )
                 view = images.numpy()
             if s.image.shape != images.shape[1:]:
                 # Without a resolution (inspection) sizes may differ; a batch needs one size.
@@ -827,17 +719,17 @@ class StreamDataset(IterableDataset):
             captions.append(s.caption)
             keys.append(s.key)
             if len(keys) == b:
-                yield self._batch(_images(images, pool, pool_slot, b), labels, captions, keys, reader)
+                yield self._batch(_handed(images, pool, pool_slot, b), labels, captions, keys, reader)
                 n += 1
                 if quota is not None and n >= quota:
                     return
                 images, labels, captions, keys = None, [], [], []
         if keys and self.mode == "once" and images is not None:  # evaluation keeps the last, partial batch
-            yield self._batch(_images(images, pool, pool_slot, len(keys)), labels, captions, keys, reader)
+            yield self._batch(_handed(images, pool, pool_slot, len(keys)), labels, captions, keys, reader)
 
     @staticmethod
     def _batch(
-        images: torch.Tensor | _PooledImages,
+        images: torch.Tensor | PooledImages,
         labels: list[int],
         captions: list[str],
         keys: list[str],
@@ -846,7 +738,7 @@ class StreamDataset(IterableDataset):
         return {
             "image": images,
             # numpy, not a tensor: a tensor would cross to the trainer through a shared-memory segment of its own
-            # (one more allocation and file-descriptor hand-over per batch); StreamLoader makes it a tensor.
+            # (one more allocation and file-descriptor hand-over per batch); the loader makes it a tensor.
             "label": np.array(labels, dtype=np.int64),
             "caption": captions,
             "key": keys,
@@ -854,9 +746,7 @@ class StreamDataset(IterableDataset):
         }
 
 
-def _images(
-    buffer: torch.Tensor, pool: _BufferPool | None, slot: int | None, count: int
-) -> torch.Tensor | _PooledImages:
+def _handed(buffer: torch.Tensor, pool: BufferPool | None, slot: int | None, count: int) -> torch.Tensor | PooledImages:
     """The first `count` images of a [B, H, W, C] batch buffer as [count, C, H, W] (channels_last), or, for a
     pooled buffer, what stands for them until they reach the trainer."""
     if pool is not None and slot is not None:
@@ -872,89 +762,6 @@ def _put_image(batch: np.ndarray, index: int, sample: _Sample) -> None:
     if sample.flip:
         written = torch.from_numpy(batch[index])
         written.copy_(written.flip(1))
-
-
-def _as_is(item: Any) -> Any:
-    return item  # the dataset yields whole batches; the DataLoader only moves them
-
-
-def _worker_error_line(e: BaseException) -> str:
-    """The original one-line message of an error re-raised by the DataLoader with a traceback around it."""
-    lines = [ln for ln in str(e).splitlines() if ln.strip()]
-    for ln in reversed(lines):
-        name, sep, rest = ln.partition(": ")
-        if sep and name.rsplit(".", 1)[-1] == type(e).__name__:
-            return rest
-    return lines[-1] if lines else str(e)
-
-
-class StreamLoader(DataLoader):
-    """A DataLoader over a `StreamDataset` that re-raises a worker's `DatasetError` as the original one line."""
-
-    dataset: StreamDataset
-
-    def __init__(self, dataset: StreamDataset, **kwargs: Any) -> None:
-        if kwargs.get("persistent_workers"):
-            # Workers keep the pool board of the pass that started them; each pass needs fresh ones.
-            raise ValueError("StreamLoader needs persistent_workers=False: each pass starts its own workers")
-        super().__init__(dataset, **kwargs)
-
-    def __iter__(self) -> Iterator[Any]:
-        # A new board per pass: a batch kept from an earlier pass can only ever release its own board's slot.
-        board = _PoolBoard(self.num_workers * POOL_SLOTS) if self.num_workers > 0 else None
-        self.dataset.pool_board = board
-        it = super().__iter__()  # starts the workers, which take the board with the dataset
-        # From here on only the iterator holds the board (and the buffers it maps): they go with the pass.
-        self.dataset.pool_board = None
-
-        def clean() -> Iterator[Any]:
-            try:
-                for item in it:
-                    if isinstance(item, dict) and isinstance(item.get("label"), np.ndarray):
-                        item["label"] = torch.from_numpy(item["label"])
-                    yield item
-            except DatasetError as e:
-                raise DatasetError(_worker_error_line(e)) from None
-
-        return _LenIterator(clean(), it, board)
-
-
-class _LenIterator:
-    """Keeps `len()` and the DataLoader iterator's attributes visible through the error-cleaning generator."""
-
-    def __init__(self, gen: Iterator[Any], inner: Any, board: _PoolBoard | None) -> None:
-        self._gen, self._inner = gen, inner
-        self.pool_board = board  # keeps the pass's pool board registered while batches may still arrive
-
-    def __iter__(self) -> _LenIterator:
-        return self
-
-    def __next__(self) -> Any:
-        return next(self._gen)
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def make_loader(dataset: StreamDataset, *, seed: int = 0, pin_memory: bool | None = None) -> StreamLoader:
-    """The DataLoader for a `StreamDataset`: one worker process per slot, batches passed through unchanged."""
-    # The DataLoader draws its workers' base seed from this generator; without one it would draw from torch's
-    # global RNG and shift every later random number of the training run.
-    generator = torch.Generator()
-    generator.manual_seed((seed * 1_000_003 + dataset.rank) % 2**63)
-    return StreamLoader(
-        dataset,
-        batch_size=None,
-        num_workers=dataset.num_workers,
-        collate_fn=_as_is,
-        generator=generator,
-        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-        persistent_workers=False,
-        prefetch_factor=4 if dataset.num_workers > 0 else None,
-    )
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1155,7 +962,7 @@ def build_train_stream(
     )
     base = (saved or {}).get("counters")
     monitor = StreamMonitor(state, rank, options, base=list(base) if base is not None else None)
-    return make_loader(dataset, seed=state.seed), monitor
+    return StreamLoader(dataset), monitor
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -1186,7 +993,7 @@ class OnceReader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         finals: dict[int, SlotReport] = {}
-        for item in make_loader(self.dataset, pin_memory=False):
+        for item in StreamLoader(self.dataset, pin_memory=False):
             report: SlotReport = item["stream"]
             if len(item) == 1:  # a worker's trailer: its final counters
                 finals[report.slot] = report
@@ -1246,7 +1053,6 @@ __all__ = [
     "StreamState",
     "StreamStats",
     "build_train_stream",
-    "make_loader",
     "mix",
     "open_source",
     "read_once",

@@ -27,12 +27,11 @@ from typing import Any
 
 import fsspec
 import lightning as L
-import torch
 from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from pipeline.config import Config, to_yaml
-from pipeline.data import StreamOptions, build_train_stream, ensure_synthetic_dataset, read_manifest
+from pipeline.data import StreamLoader, StreamOptions, build_train_stream, ensure_synthetic_dataset, read_manifest
 from pipeline.errors import ConfigError
 from pipeline.ops._dispatch import ENV_VAR as OPS_ENV_VAR
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
@@ -95,7 +94,7 @@ class ShardDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg, self.url, self.start_nimg = cfg, url, start_nimg
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
+    def train_dataloader(self) -> StreamLoader:
         d, world = self.cfg.data, self.trainer.world_size
         if d.batch_size % world != 0:
             raise ConfigError(
@@ -220,7 +219,7 @@ def train(cfg: Config, resume: str | None = None) -> TrainResult:
 
 @contextlib.contextmanager
 def _ops_impl(impl: str) -> Iterator[None]:
-    """`ops.impl` as GANPIPE_OPS_IMPL (read by every op, inherited by DataLoader workers) while training runs;
+    """`ops.impl` as GANPIPE_OPS_IMPL (read by every op, inherited by data loader workers) while training runs;
     the caller's value is restored afterwards. 'auto' leaves the environment alone."""
     previous = os.environ.get(OPS_ENV_VAR)
     if impl != "auto":

@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server; AWS_* variables point botocore/s3fs (and DataLoader workers, which inherit them) at it."""
+    """A moto S3 server; AWS_* variables point botocore/s3fs (and loader workers, which inherit them) at it."""
     pytest.importorskip("moto.server")
     import s3fs
     from moto.server import ThreadedMotoServer

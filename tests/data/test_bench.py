@@ -16,7 +16,8 @@ from pipeline.data.bench import (
     run_bench,
     write_bench_shards,
 )
-from pipeline.data.stream import StreamDataset, make_loader, open_source
+from pipeline.data.stream import StreamDataset, open_source
+from pipeline.data.workers import StreamLoader
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,7 +53,7 @@ def test_bare_loop_reads_the_loaders_tar_members(tmp_path: Path) -> None:
     dataset = StreamDataset(open_source(url), seed=_SEED, batch_size=batch, resolution=16, num_workers=workers,
                             num_batches=read // batch)  # fmt: skip
     loader_keys: dict[int, list[str]] = {0: [], 1: []}
-    for b in make_loader(dataset, pin_memory=False):
+    for b in StreamLoader(dataset, pin_memory=False):
         loader_keys[b["stream"].slot] += b["key"]
     urls = list(open_source(url).shard_urls)
     for w, n in enumerate(images_per_worker(read, workers, batch)):

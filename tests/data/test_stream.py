@@ -21,7 +21,8 @@ from pipeline.data import (
     open_source,
     read_once,
 )
-from pipeline.data.stream import ShardSchedule, StreamMonitor, make_loader, mix, resume_stream_state
+from pipeline.data.stream import ShardSchedule, StreamMonitor, mix, resume_stream_state
+from pipeline.data.workers import POOL_SLOTS, BufferPool, PoolBoard, StreamLoader, StreamPass
 
 
 def _batches(loader: Any) -> list[dict[str, Any]]:
@@ -55,9 +56,8 @@ def test_schedule_modes() -> None:
 
 def test_items_have_the_documented_types_and_content(shards: str) -> None:
     ds = ShardDataset(shards)  # random access: the ground truth for each key
-    batch = _batches(make_loader(StreamDataset(open_source(shards), seed=0, batch_size=8, resolution=16, mode="once")))[
-        0
-    ]
+    dataset = StreamDataset(open_source(shards), seed=0, batch_size=8, resolution=16, mode="once")
+    batch = _batches(StreamLoader(dataset))[0]
     image = batch["image"]
     assert image.dtype == torch.uint8 and image.shape == (8, 3, 16, 16)
     assert image.is_contiguous(memory_format=torch.channels_last)
@@ -229,30 +229,27 @@ def test_recycled_worker_buffers_never_overwrite_a_held_batch(shards: str) -> No
     their slots for reuse. Each buffer crosses to the trainer once; later batches in it arrive by slot number."""
     import gc
 
-    from pipeline.data.stream import POOL_SLOTS
-
     truth = ShardDataset(shards)
-    loader = make_loader(StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=2,
-                                       num_batches=6 * POOL_SLOTS), pin_memory=False)  # fmt: skip
+    dataset = StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=2,
+                            num_batches=6 * POOL_SLOTS)  # fmt: skip
     held, seen = [], 0
-    it = iter(loader)
+    it = StreamPass(dataset, pin_memory=False)
     for i, batch in enumerate(it):
         assert isinstance(batch["image"], torch.Tensor) and batch["image"].shape == (2, 3, 16, 16)
         assert batch["image"].is_contiguous(memory_format=torch.channels_last)
         seen += 1
         if i % 3 == 0:
             held.append(batch)  # kept for the whole stream: its buffer must never be handed out again
-    board = it.pool_board
-    assert seen == 6 * POOL_SLOTS and board is not None and loader.dataset.pool_board is None
+    assert seen == 6 * POOL_SLOTS
     # Buffers were sent once per slot, not once per batch: fewer mapped buffers than batches.
-    assert 0 < len(board.buffers) <= 2 * POOL_SLOTS < seen
+    assert 0 < len(it.board.buffers) <= 2 * POOL_SLOTS < seen
     for batch in held:
         for j, key in enumerate(batch["key"]):
             assert torch.equal(batch["image"][j], truth[int(key)]["image"]), key
-    assert int(board.flags.sum()) >= 1  # the held batches still own their slots
+    assert int(it.board.flags.sum()) >= 1  # the held batches still own their slots
     del batch, held
     gc.collect()
-    assert int(board.flags.sum()) == 0
+    assert int(it.board.flags.sum()) == 0
 
 
 def test_pool_sends_each_buffer_once_and_reuses_it_only_when_released() -> None:
@@ -261,52 +258,48 @@ def test_pool_sends_each_buffer_once_and_reuses_it_only_when_released() -> None:
     import gc
     from multiprocessing.reduction import ForkingPickler
 
-    import torch.multiprocessing  # noqa: F401  (registers torch's shared-memory reductions with ForkingPickler)
-
-    from pipeline.data.stream import POOL_SLOTS, _BufferPool, _PoolBoard
-
-    board = _PoolBoard(POOL_SLOTS)
-    pool = _BufferPool(board, first=0)
+    worker_board = PoolBoard(POOL_SLOTS)
+    trainer_board = ForkingPickler.loads(ForkingPickler.dumps(worker_board))  # shares the flags, not buffers
+    pool = BufferPool(worker_board, first=0)
     for value in (1, 2, 3):
         buffer, slot = pool.acquire((2, 4, 4, 3))
         assert slot == 0  # the released slot is taken again
         buffer.fill_(value)
         sent = pool.images(slot, 2)
         assert (sent.buffer is not None) == (value == 1)
-        images = ForkingPickler.loads(ForkingPickler.dumps(sent))
+        images = trainer_board.attach(ForkingPickler.loads(ForkingPickler.dumps(sent)))
         assert images.shape == (2, 3, 4, 4) and bool((images == value).all())
         assert pool.acquire((2, 4, 4, 3))[1] == 1  # slot 0 is held by `images`: the next batch gets slot 1
-        board.flags[1] = 0
+        worker_board.flags[1] = 0
         del images
         gc.collect()
-        assert board.flags[0] == 0
+        assert worker_board.flags[0] == 0
     buffer, slot = pool.acquire((1, 4, 4, 3))
     assert slot == 0 and pool.images(slot, 1).buffer is not None
 
 
 def test_pooled_batches_survive_pinning_and_partial_last_batch(shards: str) -> None:
-    """With pinning (a copy in the DataLoader's pin thread) a pooled batch's slot is released as soon as it was
-    copied, so slots are reused while the pinned copies are still held, and those stay intact; without pinning
-    (no CUDA here) held batches keep their slots. A `once` pass ends with a partial batch out of a pooled buffer."""
+    """With pinning (a copy as the batch arrives) a pooled batch's slot is released as soon as it was copied,
+    so slots are reused while the pinned copies are still held, and those stay intact; without pinning (no CUDA
+    here) held batches keep their slots. A `once` pass ends with a partial batch out of a pooled buffer."""
     import gc
 
     truth = ShardDataset(shards)
     pin = torch.cuda.is_available()
     ds = StreamDataset(open_source(shards), seed=0, batch_size=4, resolution=16, mode="once", num_workers=2)
-    it = iter(make_loader(ds, pin_memory=pin))
+    it = StreamPass(ds, pin_memory=pin)
     batches = [b for b in it if "key" in b]
-    board = it.pool_board
     assert sorted(len(b["key"]) for b in batches)[0] < 4  # a partial batch at the end of a worker's shards
     assert sum(len(b["key"]) for b in batches) == len(truth)
     for batch in batches:
         assert batch["image"].is_pinned() == pin
         for j, key in enumerate(batch["key"]):
             assert torch.equal(batch["image"][j], truth[int(key)]["image"]), key
-    held = int(board.flags.sum())
+    held = int(it.board.flags.sum())
     assert held == 0 if pin else held > 0
     del batch, batches
     gc.collect()
-    assert int(board.flags.sum()) == 0
+    assert int(it.board.flags.sum()) == 0
 
 
 def test_monitor_counts_and_positions(shards: str) -> None:
@@ -316,11 +309,3 @@ def test_monitor_counts_and_positions(shards: str) -> None:
     assert monitor.positions().tolist() == [[last[s].visit, last[s].offset] for s in (0, 1)]
     values = StreamMonitor.log_values(monitor.counters())
     assert values["Data/good"] == 28 and values["Data/bad_fraction"] == 0 and "Data/bad/corrupt_image" in values
-
-
-def test_stream_loader_refuses_persistent_workers(shards: str) -> None:
-    from pipeline.data.stream import StreamLoader
-
-    ds = StreamDataset(open_source(shards), seed=0, batch_size=2, resolution=16, num_workers=1)
-    with pytest.raises(ValueError, match="persistent_workers=False"):
-        StreamLoader(ds, batch_size=None, num_workers=1, persistent_workers=True)

@@ -3,6 +3,7 @@ much bad data stops training with one clear error while keeping what was written
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,11 @@ def _assert_same_weights(a: dict, b: dict) -> None:
     for net in ("G", "D", "G_ema"):
         for key, value in a[net].items():
             torch.testing.assert_close(b[net][key], value, rtol=0, atol=0, msg=f"{net}.{key}")
+
+
+def _loader_workers() -> list[str]:
+    """Data loader workers of this process still running (a finished or failed run must leave none)."""
+    return [p.name for p in multiprocessing.active_children() if p.name.startswith("ganpipe-data")]
 
 
 def test_local_and_s3_train_identically_with_only_the_url_changed(make_config, tmp_path: Path, s3_bucket: str) -> None:
@@ -42,7 +48,7 @@ def test_resume_with_two_workers_is_exact(make_config, tmp_path: Path) -> None:
     resumed = load_checkpoint(train(second, resume="auto").checkpoint)
     assert resumed["counters"] == expected["counters"] == {"cur_nimg": 56, "step_idx": 7}
     assert resumed["data"]["stream"] == expected["data"]["stream"]
-    assert len(expected["data"]["stream"]["positions"]) == 2
+    assert len(expected["data"]["stream"]["positions"]) == 2 and _loader_workers() == []
     _assert_same_weights(expected, resumed)
 
 
@@ -57,13 +63,14 @@ def test_too_many_bad_samples_stop_training_and_keep_checkpoints(make_config, tm
         "logger.csv=true",
         "data.max_bad_fraction=0.2",
         "data.bad_check_min_samples=8",
+        "data.num_workers=2",
     )
-    train(make_config(f"data.url={url}", f"run_dir={cfg.run_dir}", "train.total_kimg=0.008"))
+    train(make_config(f"data.url={url}", f"run_dir={cfg.run_dir}", "train.total_kimg=0.008", "data.num_workers=2"))
     for shard in ("shard-000001.tar", "shard-000003.tar"):
         (url / shard).write_bytes(b"\0" * 100)  # not a tar any more: every sample in it is lost
     with pytest.raises(DatasetError, match=r"too many bad samples.*shard-00000[13]\.tar") as info:
         train(cfg, resume="auto")
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and _loader_workers() == []
     checkpoints = list_checkpoints(cfg.run_dir)
     assert checkpoints and load_checkpoint(checkpoints[-1])["counters"]["cur_nimg"] >= 8
     state = load_checkpoint(checkpoints[-1])
