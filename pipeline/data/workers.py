@@ -2,11 +2,12 @@
 
 Contract
     `StreamLoader(dataset)` yields batch i of a pass from worker i mod K while all workers run; a worker whose
-    stream ended (only `once` streams end unevenly) leaves the rotation and the next one takes its turn. Exact
-    resume depends on this order (see `pipeline.data.stream`). A worker's `DatasetError` is re-raised in the
-    trainer as the same one line; any other exception with the worker's traceback; a worker that dies as a
-    `WorkerError` naming its exit code or signal. Every pass starts its own workers and stops them when the
-    pass ends, fails, or is dropped.
+    stream ended (in `once` mode, or when K does not divide `num_batches`) leaves the rotation and the next
+    one takes its turn. Exact resume depends on this order (see `pipeline.data.stream`). A worker's
+    `DatasetError` is re-raised in the trainer as the same one line; any other exception with the worker's
+    traceback; a worker that dies as a `WorkerError` naming its exit code or signal. Every pass starts its own
+    workers and stops them when the pass ends, fails, or is dropped. Workers leave job-control signals
+    (Ctrl-C, Slurm's SIGTERM and pre-timeout signal) to the trainer, and exit by themselves when it is gone.
 
 Why not torch's DataLoader
     It asks a worker for every batch by sending an index through a queue with a feeder thread, and answers
@@ -31,16 +32,21 @@ import collections
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
+import time
 import traceback
 import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Semaphore
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
-import torch.multiprocessing  # registers torch's shared-memory pickling of tensors for pipes)
+import torch.multiprocessing  # registers torch's shared-memory pickling of tensors for pipes
 
 from pipeline.errors import DatasetError, WorkerError
 
@@ -126,43 +132,57 @@ class BufferPool:
 # Messages from a worker: (_ITEM, item), (_END,), (_FAILED, is_dataset_error, text).
 _ITEM, _END, _FAILED = 0, 1, 2
 
+# Signals a worker ignores. Slurm sends the job step's processes SIGTERM on preemption and the pre-timeout
+# signal (USR1 by default), and a terminal sends Ctrl-C to the whole process group: each is the trainer's to act
+# on (checkpoint, requeue, stop), and it stops its workers itself. A worker whose trainer died exits by itself.
+_IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
 
 def _worker_main(
     dataset: StreamDataset,
     worker: int,
     conn: Connection,
-    credits: Any,
+    credits: Semaphore,
     board: PoolBoard,
     inherited: list[Connection],
 ) -> None:
     """One worker process: stream `dataset`'s items for `worker`, at most PREFETCH ahead of the trainer."""
+    for s in signal.valid_signals():
+        if callable(signal.getsignal(s)):  # a handler of the trainer's (Lightning's), inherited by fork
+            signal.signal(s, signal.SIG_DFL)
+    for s in _IGNORED_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _IGNORED_SIGNALS)  # blocked from before the fork until now
     for c in inherited:  # the trainer's ends of pipes, inherited by fork: only the trainer may hold them
         c.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's to handle; it then stops us
     torch.set_num_threads(1)  # one process per core is the parallelism; intra-op threads would oversubscribe
     parent = os.getppid()
     try:
         items = dataset.worker_items(worker, BufferPool(board, worker * POOL_SLOTS))
         while _credit(credits, parent):
             item = next(items, None)
-            conn.send((_END,) if item is None else (_ITEM, item))
-            if item is None:
+            if not _send(conn, (_END,) if item is None else (_ITEM, item)) or item is None:
                 break
         # The trainer fetches the fds of shared-memory buffers from this process as it unpickles them: stay
         # until it has received every message (all credits are back), or until it stops us.
         all(_credit(credits, parent) for _ in range(PREFETCH))
-    except BrokenPipeError:
-        return  # the trainer closed the pass
     except Exception as e:
         is_dataset_error = isinstance(e, DatasetError)
-        text = str(e) if is_dataset_error else traceback.format_exc()
-        with contextlib.suppress(BrokenPipeError):
-            conn.send((_FAILED, is_dataset_error, text))
+        _send(conn, (_FAILED, is_dataset_error, str(e) if is_dataset_error else traceback.format_exc()))
         while _credit(credits, parent):  # the trainer stops the pass when it reads the failure
             pass
 
 
-def _credit(credits: Any, parent: int) -> bool:
+def _send(conn: Connection, message: tuple[Any, ...]) -> bool:
+    """Send a message to the trainer; False if it closed the pass."""
+    try:
+        conn.send(message)
+    except BrokenPipeError:
+        return False
+    return True
+
+
+def _credit(credits: Semaphore, parent: int) -> bool:
     """Take one credit (the right to send a message); False if the trainer process is gone."""
     while not credits.acquire(timeout=_PARENT_CHECK_S):
         if os.getppid() != parent:
@@ -171,122 +191,230 @@ def _credit(credits: Any, parent: int) -> bool:
 
 
 class _Worker(NamedTuple):
-    process: Any  # multiprocessing.Process of the default context
+    process: BaseProcess
     conn: Connection
-    credits: Any  # multiprocessing.Semaphore
+    credits: Semaphore
 
 
-def _stop(workers: list[_Worker]) -> None:
-    for w in workers:
-        if w.process.is_alive():
-            w.process.terminate()
-    for w in workers:
-        w.process.join(timeout=5.0)
-        if w.process.is_alive():
-            w.process.kill()
-            w.process.join()
-        w.conn.close()
-
-
-def _death(worker: int, process: Any) -> WorkerError:
-    process.join(timeout=5.0)
+def _death(worker: int, process: BaseProcess) -> WorkerError | None:
+    """The error for worker `worker` having exited mid-stream; None if it is still running."""
+    process.join(timeout=2.0)  # it closed its pipe end on exit: it is a zombie by now, or still running
     code = process.exitcode
-    if code is not None and code < 0:
-        how = f"was killed by {signal.Signals(-code).name}"
-        hint = "out of memory? lower data.num_workers or data.batch_size"
+    if code is None:
+        return None
+    if code < 0:
+        how = f"was killed by {_signal_name(-code)}"
+        hint = "out of memory? lower data.num_workers or data.batch_size" if -code == signal.SIGKILL else ""
     else:
-        how, hint = f"exited with code {code}", "see the worker's output above"
+        how, hint = f"exited with code {code}", ""
+    hint = hint or "see the log above for the worker's last words"
     return WorkerError(f"data loader worker {worker} (pid {process.pid}) {how} mid-stream: {hint}")
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:  # a real-time signal
+        return f"signal {number}"
+
+
+class _Receiver:
+    """The trainer's end of a pass's pipes: the next item in the pass's order (see the module docstring), None
+    once every worker has ended. Used by one thread at a time; holds no reference to its `StreamPass`."""
+
+    def __init__(self, workers: list[_Worker], board: PoolBoard) -> None:
+        self.workers, self.board = workers, board
+        self.turns = collections.deque(range(len(workers)))  # whose batch comes next, then the rest in order
+
+    def next(self) -> dict[str, Any] | None:
+        while self.turns:
+            w = self.turns[0]
+            worker = self.workers[w]
+            try:
+                message = worker.conn.recv()
+            except (EOFError, OSError):
+                # EOF: the worker is gone. A worker that died mid-message, or before the trainer fetched a
+                # buffer's fd from it, surfaces as an OSError instead; any other OSError is the trainer's own.
+                died = _death(w, worker.process)
+                if died is None:
+                    raise
+                raise died from None
+            worker.credits.release()
+            if message[0] == _ITEM:
+                self.turns.rotate(-1)
+                return _finish_batch(message[1], self.board)
+            self.turns.popleft()
+            if message[0] == _FAILED:
+                _, is_dataset_error, text = message
+                if is_dataset_error:
+                    raise DatasetError(text)
+                raise RuntimeError(f"data loader worker {w} failed:\n{text}")
+        return None
+
+
+class _PinThread:
+    """Receives and pins items ahead of the trainer in a thread, as the DataLoader's pin thread does: the copy
+    into page-locked memory (a few MB per batch) overlaps the training step instead of adding to it. Up to
+    `_PINNED_AHEAD` pinned items wait; a failure is handed to the trainer in their place."""
+
+    def __init__(self, receiver: _Receiver) -> None:
+        self.queue: queue.Queue[dict[str, Any] | BaseException | None] = queue.Queue(maxsize=_PINNED_AHEAD)
+        self.closing = threading.Event()
+        self.thread = threading.Thread(
+            target=_pin_loop, args=(receiver, self.queue, self.closing), name="ganpipe-pin-memory", daemon=True
+        )
+        self.thread.start()
+
+    def take(self) -> dict[str, Any] | None:
+        out = self.queue.get()
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def drain(self) -> None:
+        """Empty the queue, so that a thread blocked putting into it gets through and sees `closing`."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.queue.get_nowait()
+
+
+_PINNED_AHEAD = 2
+
+
+def _pin_loop(
+    receiver: _Receiver, out: queue.Queue[dict[str, Any] | BaseException | None], closing: threading.Event
+) -> None:
+    while not closing.is_set():
+        result: dict[str, Any] | BaseException | None
+        try:
+            item = receiver.next()
+            result = None if item is None else _pinned(item)
+        except Exception as e:
+            result = e
+        out.put(result)
+        if not isinstance(result, dict):
+            return
+
+
+def _shutdown(workers: list[_Worker], pin: _PinThread | None) -> None:
+    """Stop a pass: kill its workers (they ignore the polite signals, and nothing of theirs outlives them: the
+    shared memory is fd-based), then its pin thread, then close the pipes."""
+    if pin is not None:
+        pin.closing.set()
+    for w in workers:
+        if w.process.is_alive():
+            w.process.kill()
+    deadline = time.monotonic() + 10.0
+    for w in workers:
+        w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+    while pin is not None and pin.thread.is_alive() and time.monotonic() < deadline:
+        pin.drain()  # the killed workers' pipes give EOF, so the thread ends at its next put
+        pin.thread.join(timeout=0.05)
+    for w in workers:
+        w.conn.close()
+
+
 class StreamPass:
-    """One pass over a `StreamLoader`: its worker processes, their pipes and its `PoolBoard`."""
+    """One pass over a `StreamLoader`: its worker processes, their pipes, its `PoolBoard`, and with
+    `pin_memory` its pin thread. It stops them when it ends, fails, is closed, or is dropped."""
 
     def __init__(self, dataset: StreamDataset, pin_memory: bool, start_method: str | None = None) -> None:
         self.dataset, self.pin_memory = dataset, pin_memory
         k = dataset.num_workers
         self.board = PoolBoard(k * POOL_SLOTS)
-        ctx = mp.get_context(start_method)
+        ctx = mp.get_context(start_method or _default_start_method())
         workers: list[_Worker] = []
-        self._stop = weakref.finalize(self, _stop, workers)  # also at interpreter exit
-        for w in range(k):
-            reader, writer = ctx.Pipe(duplex=False)
-            credits = ctx.Semaphore(PREFETCH)
-            # Under fork the child inherits every trainer-side pipe end open so far; it closes them, so that
-            # a worker whose trainer died gets a broken pipe instead of blocking on a full one.
-            inherited = [x.conn for x in workers] + [reader] if ctx.get_start_method() == "fork" else []
-            process = ctx.Process(
-                target=_worker_main,
-                args=(dataset, w, writer, credits, self.board, inherited),
-                name=f"ganpipe-data-{w}",
-                daemon=True,
-            )
-            workers.append(_Worker(process, reader, credits))
-            process.start()
-            writer.close()
+        try:
+            for w in range(k):
+                workers.append(_start_worker(ctx, dataset, w, self.board, workers))
+        except BaseException:
+            _shutdown(workers, None)
+            raise
         self.workers = workers
-        self._turns = collections.deque(range(k))  # whose batch comes next, then the rest in order
+        self._receiver = _Receiver(workers, self.board)
+        self._pin = _PinThread(self._receiver) if pin_memory else None
+        self._shutdown = weakref.finalize(self, _shutdown, workers, self._pin)  # also at interpreter exit
 
     @property
     def worker_pids(self) -> list[int]:
-        return [w.process.pid for w in self.workers]
+        return [w.process.pid for w in self.workers if w.process.pid is not None]
 
     def __iter__(self) -> StreamPass:
         return self
 
     def __next__(self) -> dict[str, Any]:
-        while self._turns:
-            w = self._turns[0]
-            worker = self.workers[w]
-            try:
-                message = worker.conn.recv()
-            except EOFError:
-                self.close()
-                raise _death(w, worker.process) from None
-            worker.credits.release()
-            if message[0] == _ITEM:
-                self._turns.rotate(-1)
-                return finish_batch(message[1], self.board, self.pin_memory)
-            self._turns.popleft()
-            if message[0] == _FAILED:
-                self.close()
-                _, is_dataset_error, text = message
-                if is_dataset_error:
-                    raise DatasetError(text)
-                raise RuntimeError(f"data loader worker {w} failed:\n{text}")
-        self.close()
-        raise StopIteration
+        try:
+            item = self._pin.take() if self._pin is not None else self._receiver.next()
+        except BaseException:
+            self.close()
+            raise
+        if item is None:
+            self.close()
+            raise StopIteration
+        return item
 
     def close(self) -> None:
         """Stop the workers (a no-op once done); batches already handed out stay valid."""
-        self._turns.clear()
-        self._stop()
+        self._shutdown()
 
 
-def finish_batch(item: dict[str, Any], board: PoolBoard | None, pin_memory: bool) -> dict[str, Any]:
-    """An item as the trainer gets it: pooled images attached, labels as a tensor, both pinned if asked.
+def _start_worker(ctx: Any, dataset: StreamDataset, w: int, board: PoolBoard, started: list[_Worker]) -> _Worker:
+    reader, writer = ctx.Pipe(duplex=False)
+    credits = ctx.Semaphore(PREFETCH)
+    # Under fork the child inherits every trainer-side pipe end open so far; it closes them, so that a worker
+    # whose trainer died gets a broken pipe instead of blocking on a full one.
+    inherited = ([x.conn for x in started] + [reader]) if ctx.get_start_method() == "fork" else []
+    process = ctx.Process(
+        target=_worker_main,
+        args=(dataset, w, writer, credits, board, inherited),
+        name=f"ganpipe-data-{w}",
+        daemon=True,
+    )
+    # Blocked across the start, so that the child cannot die of one (or run the trainer's handler) before it
+    # ignores them; the trainer gets any that arrive meanwhile when they are unblocked.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _IGNORED_SIGNALS)
+    try:
+        process.start()
+    except BaseException:
+        reader.close()
+        raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        writer.close()
+    return _Worker(process, reader, credits)
 
-    Pinning happens here, in the trainer's thread: it is the copy that a later non-blocking transfer to the
-    GPU needs anyway, and the pooled buffer's slot is free as soon as it is done."""
+
+def _default_start_method() -> str | None:
+    # fork where there is one (Linux): workers start in milliseconds, and they see the environment as it is now
+    # (credentials, GANPIPE_OPS_IMPL), not as it was when a forkserver started; they never touch CUDA.
+    return "fork" if "fork" in mp.get_all_start_methods() else None
+
+
+def _finish_batch(item: dict[str, Any], board: PoolBoard | None) -> dict[str, Any]:
+    """An item as the trainer gets it: pooled images attached, labels as a tensor."""
     images = item.get("image")
     if isinstance(images, PooledImages):
         assert board is not None
-        images = item["image"] = board.attach(images)
+        item["image"] = board.attach(images)
     if isinstance(item.get("label"), np.ndarray):
         item["label"] = torch.from_numpy(item["label"])
-    if pin_memory:
-        for name in ("image", "label"):
-            if isinstance(item.get(name), torch.Tensor):
-                item[name] = item[name].pin_memory()
+    return item
+
+
+def _pinned(item: dict[str, Any]) -> dict[str, Any]:
+    """Images and labels copied to page-locked memory; a pooled batch's slot is free once this returns."""
+    for name in ("image", "label"):
+        if isinstance(item.get(name), torch.Tensor):
+            item[name] = item[name].pin_memory()
     return item
 
 
 class StreamLoader:
     """Iterates a `StreamDataset`'s items over `dataset.num_workers` processes (in this process when 0).
 
-    `pin_memory` (default: when CUDA is available) hands out images and labels in page-locked memory, so that
-    `.to("cuda", non_blocking=True)` overlaps the copy with compute. `start_method` is multiprocessing's
-    ("fork", "forkserver", "spawn"; default: the platform's); workers never touch CUDA, so fork is safe."""
+    `pin_memory` (default: when CUDA is available) hands out images and labels in page-locked memory, copied
+    in a thread ahead of the trainer, so that `.to("cuda", non_blocking=True)` overlaps the copy with compute.
+    `start_method` is multiprocessing's ("fork", "forkserver", "spawn"; default: fork where there is one)."""
 
     def __init__(
         self, dataset: StreamDataset, *, pin_memory: bool | None = None, start_method: str | None = None
@@ -300,7 +428,8 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.num_workers == 0:
-            return (finish_batch(item, None, self.pin_memory) for item in self.dataset.worker_items(0, None))
+            items = (_finish_batch(item, None) for item in self.dataset.worker_items(0, None))
+            return (_pinned(item) for item in items) if self.pin_memory else items
         return StreamPass(self.dataset, self.pin_memory, self.start_method)
 
 

@@ -106,6 +106,31 @@ def test_a_killed_worker_is_a_one_line_worker_error(shards: str) -> None:
     assert _wait_gone(it.worker_pids, 10) == []  # the pass stopped its other worker
 
 
+def test_workers_leave_job_control_signals_to_the_trainer(shards: str) -> None:
+    """Slurm signals every process of the step (SIGTERM on preemption, USR1 before the time limit) and Ctrl-C
+    reaches the whole process group: workers neither die of these nor run the trainer's handlers (inherited by
+    fork), and keep streaming until the trainer stops them."""
+
+    def trainer_handler(*_: Any) -> None:
+        os._exit(3)  # in a worker, this would end it with code 3
+
+    previous = signal.signal(signal.SIGTERM, trainer_handler)
+    try:
+        it = StreamPass(_dataset(shards), pin_memory=False)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for _ in range(2):  # right after the start (signals that arrive before a worker runs count too), and later
+        for pid in it.worker_pids:
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP):
+                os.kill(pid, sig)
+        next(it)
+    for _ in range(3 * PREFETCH):
+        assert next(it)["image"].shape == (2, 3, 16, 16)
+    assert all(w.process.is_alive() for w in it.workers)
+    it.close()
+    assert [w.process.exitcode for w in it.workers] == [-signal.SIGKILL] * 2
+
+
 def test_closing_or_dropping_a_pass_stops_its_workers(shards: str) -> None:
     first = StreamPass(_dataset(shards), pin_memory=False)
     batch = next(first)
