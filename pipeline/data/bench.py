@@ -149,6 +149,7 @@ def soak(url: str, workers: int, seconds: float, batch_size: int, resolution: in
         while time.perf_counter() - start < seconds * i / 10:
             images += len(next(it)["key"])
         samples.append(SoakSample(time.perf_counter() - start, images, [_resident_mib(pid) for pid in pids]))
+    it.close()
     return samples
 
 

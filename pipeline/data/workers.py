@@ -202,12 +202,11 @@ def _death(worker: int, process: BaseProcess) -> WorkerError | None:
     code = process.exitcode
     if code is None:
         return None
+    how, hint = f"exited with code {code}", "see the log above for the worker's last words"
     if code < 0:
         how = f"was killed by {_signal_name(-code)}"
-        hint = "out of memory? lower data.num_workers or data.batch_size" if -code == signal.SIGKILL else ""
-    else:
-        how, hint = f"exited with code {code}", ""
-    hint = hint or "see the log above for the worker's last words"
+        if -code == signal.SIGKILL:
+            hint = "out of memory? lower data.num_workers or data.batch_size"
     return WorkerError(f"data loader worker {worker} (pid {process.pid}) {how} mid-stream: {hint}")
 
 
@@ -319,13 +318,11 @@ class StreamPass:
     `pin_memory` its pin thread. It stops them when it ends, fails, is closed, or is dropped."""
 
     def __init__(self, dataset: StreamDataset, pin_memory: bool, start_method: str | None = None) -> None:
-        self.dataset, self.pin_memory = dataset, pin_memory
-        k = dataset.num_workers
-        self.board = PoolBoard(k * POOL_SLOTS)
+        self.board = PoolBoard(dataset.num_workers * POOL_SLOTS)
         ctx = mp.get_context(start_method or _default_start_method())
         workers: list[_Worker] = []
         try:
-            for w in range(k):
+            for w in range(dataset.num_workers):
                 workers.append(_start_worker(ctx, dataset, w, self.board, workers))
         except BaseException:
             _shutdown(workers, None)
@@ -343,6 +340,8 @@ class StreamPass:
         return self
 
     def __next__(self) -> dict[str, Any]:
+        if not self._shutdown.alive:  # ended, failed or closed: nothing more will arrive
+            raise StopIteration
         try:
             item = self._pin.take() if self._pin is not None else self._receiver.next()
         except BaseException:
@@ -420,14 +419,13 @@ class StreamLoader:
         self, dataset: StreamDataset, *, pin_memory: bool | None = None, start_method: str | None = None
     ) -> None:
         self.dataset, self.start_method = dataset, start_method
-        self.num_workers = dataset.num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.num_workers == 0:
+        if self.dataset.num_workers == 0:
             items = (_finish_batch(item, None) for item in self.dataset.worker_items(0, None))
             return (_pinned(item) for item in items) if self.pin_memory else items
         return StreamPass(self.dataset, self.pin_memory, self.start_method)

@@ -146,6 +146,29 @@ def test_closing_or_dropping_a_pass_stops_its_workers(shards: str) -> None:
     assert _wait_gone(pids, 10) == []
 
 
+@pytest.mark.parametrize("pin", [False, True])
+def test_a_pass_that_ended_failed_or_closed_stays_ended(
+    shards: str, pin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After its end, its failure or `close()`, a pass raises StopIteration: it neither waits for a pin thread
+    that is gone nor reports its own stopped workers as deaths."""
+    if pin and not torch.cuda.is_available():
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())
+    ended = StreamPass(_dataset(shards, num_batches=3), pin_memory=pin)
+    assert len(list(ended)) == 3
+    closed = StreamPass(_dataset(shards), pin_memory=pin)
+    next(closed)
+    closed.close()
+    failed = StreamPass(_dataset(shards), pin_memory=pin)
+    os.kill(failed.worker_pids[0], signal.SIGKILL)
+    with pytest.raises(WorkerError):
+        for _ in range(PREFETCH + 2):  # what it sent before it died still arrives
+            next(failed)
+    for it in (ended, closed, failed):
+        with pytest.raises(StopIteration):
+            next(it)
+
+
 def test_workers_exit_when_their_trainer_dies(shards: str) -> None:
     """A trainer killed outright (no cleanup) leaves no workers behind: they notice within seconds."""
     script = textwrap.dedent(f"""
