@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -113,14 +115,14 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 
 def _cmd_bench_ops(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
-    from pipeline.models.bench import stylegan2_synthesis_case
+    from pipeline.models.bench import synthesis_case
     from pipeline.ops.bench import parse_dtypes, run
 
     try:
         dtypes = parse_dtypes(args.dtypes)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return run(quick=args.quick, dtypes=dtypes, warmup=args.warmup, rep=args.rep, synthesis=stylegan2_synthesis_case)
+    return run(quick=args.quick, dtypes=dtypes, warmup=args.warmup, rep=args.rep, synthesis=synthesis_case)
 
 
 def _eval_changes(args: argparse.Namespace) -> dict:
@@ -162,60 +164,159 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"exported {meta.family} generator ({meta.resolution}px, {meta.kimg:.1f} kimg) to {args.out}")
 
 
-def _cmd_convert_nvlabs(args: argparse.Namespace) -> None:
-    from pipeline.export.nvlabs import convert_to_export
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from pipeline.export import convert
 
-    meta, notes = convert_to_export(args.snapshot, args.out, with_discriminator=args.discriminator)
+    meta, notes = convert(args.convert_command, args.source, args.out, with_discriminator=args.discriminator)
     for note in notes:
         print(f"note: {note}")
     print(f"converted {meta.resolution}px {meta.family} networks ({', '.join(meta.networks)}) to {args.out}")
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    import torch
-
+    """Runs with `args.sampler`: the source's family sampler, loaded before the options were parsed."""
+    from pipeline.errors import SamplingError
     from pipeline.export import generate as gen
-    from pipeline.export import load_generator
     from pipeline.imaging import save_image_grid
+    from pipeline.models.conditioning import Request
 
-    if args.style_mix and not args.out:
-        raise gen.SeedsError("--style-mix writes one grid: add --out GRID.png")
+    if getattr(args, "style_mix", None) and not args.out:
+        raise SamplingError("--style-mix writes one grid: add --out GRID.png")
     if args.interpolate and not args.outdir:
-        raise gen.SeedsError("--interpolate writes one PNG per frame: add --outdir DIR")
-    if not (args.style_mix or args.interpolate or args.out or args.outdir):
-        raise gen.SeedsError("generate needs --out GRID.png and/or --outdir DIR")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    G = load_generator(args.export_dir, device=device)
-    common = dict(
-        truncation_psi=args.trunc,
-        class_idx=args.class_idx,
-        noise_mode=args.noise_mode,
-        truncation_center=args.trunc_center,
-        class_avg_samples=args.class_avg_samples,
-    )
-    if args.style_mix:
-        rows, cols = (gen.parse_int_list(text, "--style-mix") for text in args.style_mix)
+        raise SamplingError("--interpolate writes one PNG per frame: add --outdir DIR")
+    if not (getattr(args, "style_mix", None) or args.interpolate or args.out or args.outdir):
+        raise SamplingError("generate needs --out GRID.png and/or --outdir DIR")
+    sampler = args.sampler
+    request = Request(class_idx=getattr(args, "class_idx", None), prompt=getattr(args, "prompt", None))
+    asked = {name: getattr(args, name) for name in _option_docs(type(sampler)) if getattr(args, name) is not None}
+    options = sampler.Options(**asked)
+    if getattr(args, "style_mix", None):
+        rows, cols = (gen.parse_seeds(text, "--style-mix") for text in args.style_mix)
         layers = gen.parse_int_list(args.style_layers, "--style-layers")
-        images, grid = gen.style_mix_grid(G, rows, cols, layers, **common)
+        images, grid = sampler.style_mix_grid(rows, cols, layers, request, options)
         save_image_grid(images, args.out, grid=grid)
         print(
             f"wrote a {len(rows)}x{len(cols)} style-mixing grid (styles {args.style_layers} from columns) to {args.out}"
         )
         return
     if args.interpolate:
-        seeds = gen.parse_int_list(args.interpolate, "--interpolate")
-        frames = gen.interpolation_frames(G, seeds, args.frames, space=args.interp_space, **common)
+        seeds = gen.parse_seeds(args.interpolate, "--interpolate")
+        space = args.interp_space or sampler.interpolation_spaces[0]
+        frames = sampler.interpolation_frames(seeds, args.frames, space, request, options)
         urls = gen.write_frames(frames, args.outdir)
-        print(f"wrote {len(urls)} interpolation frames ({args.interp_space}) to {args.outdir}")
+        print(f"wrote {len(urls)} interpolation frames ({space}) to {args.outdir}")
         return
     seeds = gen.parse_seeds(args.seeds)
-    images = gen.generate_images(G, seeds, noise_seed=args.noise_seed, **common)
+    images = sampler.generate(seeds, request, options)
     if args.outdir:
         gen.write_images(images, seeds, args.outdir)
         print(f"wrote {len(seeds)} images to {args.outdir}")
     if args.out:
         save_image_grid(images, args.out)
         print(f"wrote a grid of {len(seeds)} images to {args.out}")
+
+
+def _option_docs(sampler_cls: type) -> dict:
+    from pipeline.models.sampling import option_docs
+
+    return option_docs(sampler_cls.Options)
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose errors are one `ganpipe: error:` line (via SamplingError), naming a flag that the
+    loaded generator's family does not have instead of argparse's usage text."""
+
+    unavailable: dict[str, str]  # flag -> why it is refused
+
+    def error(self, message: str) -> NoReturn:
+        from pipeline.errors import SamplingError
+
+        for flag, why in getattr(self, "unavailable", {}).items():
+            if re.search(rf"(^|\s){re.escape(flag)}(\s|$)", message.split(":", 1)[-1]):
+                raise SamplingError(why)
+        raise SamplingError(message)
+
+
+def generate_parser(sampler_cls: type | None = None, conditioning: Any = None,
+                    family: str = "") -> argparse.ArgumentParser:  # fmt: skip
+    """`ganpipe generate`'s arguments: with a loaded source's sampler class and its conditioning's request flags,
+    exactly the options that family has (and the request its conditioning takes); without, every option any
+    registered family has (the generic help)."""
+    from pipeline.families import family_names, get_family
+
+    everyone = [get_family(name).sampler for name in family_names()]
+    samplers = [sampler_cls] if sampler_cls is not None else everyone
+    what = f"a {family} generator" if family else "a generator"  # in the description
+    p = _OneLineErrors(prog="ganpipe generate", description=f"Sample {what}.", allow_abbrev=False)
+    p.add_argument("source", help="export folder (`ganpipe export`/`convert`), checkpoint, run dir or .pkl")
+    p.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 1,5,9-12")
+    flags = ("--class", "--prompt") if conditioning is None else conditioning.request_flags
+    if "--class" in flags:
+        p.add_argument("--class", dest="class_idx", type=int, metavar="C", help="the class of a conditional generator")
+    if "--prompt" in flags:
+        p.add_argument("--prompt", metavar="TEXT", help="the text of a text-conditional generator")
+    docs = {name: doc for cls in samplers for name, doc in _option_docs(cls).items()}
+    defaults = {name: f.default for cls in samplers for name, f in cls.Options.__dataclass_fields__.items()}
+    for name, doc in docs.items():
+        kind = type(defaults[name])
+        p.add_argument(doc.flag, dest=name, type=kind, choices=doc.choices, metavar=doc.metavar, help=doc.help)
+    if any(cls.can_style_mix for cls in samplers):
+        p.add_argument(
+            "--style-mix",
+            nargs=2,
+            metavar=("ROWS", "COLS"),
+            help="style-mixing grid of row seeds x column seeds, e.g. --style-mix 85,100,75 55,821 (needs --out)",
+        )
+        p.add_argument(
+            "--style-layers", default="0-6", help="with --style-mix: the styles (w indices) taken from the column seed"
+        )
+    p.add_argument(
+        "--interpolate", metavar="SEEDS", help="frames from seed to seed, e.g. 0,5,9 (one PNG per frame in --outdir)"
+    )
+    p.add_argument("--frames", type=int, default=30, help="with --interpolate: frames per transition")
+    spaces = list(dict.fromkeys(space for cls in samplers for space in cls.interpolation_spaces))
+    p.add_argument(
+        "--interp-space",
+        choices=spaces,
+        help=f"with --interpolate: {' or '.join(spaces)} (default {spaces[0]}; w: linear in W, z: slerp in Z)",
+    )
+    p.add_argument("--out", help="write one grid PNG here")
+    p.add_argument("--outdir", help="write one PNG per seed (or per frame) into this folder")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    if sampler_cls is not None:
+        theirs = {doc.flag for cls in everyone for doc in _option_docs(cls).values()} | {"--class", "--prompt"}
+        if any(cls.can_style_mix for cls in everyone):
+            theirs |= {"--style-mix", "--style-layers"}
+        ours = {a for action in p._actions for a in action.option_strings}
+        kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}
+        this = f"this {family} generator is {kind.get(conditioning.kind, conditioning.kind)}"
+        p.unavailable = {
+            flag: f"{flag} is not available: {this}" if flag in ("--class", "--prompt")
+            else f"{flag} is not available for {family} generators: drop it"
+            for flag in sorted(theirs - ours)
+        }  # fmt: skip
+    return p
+
+
+def _run_generate(argv: list[str]) -> None:
+    """`ganpipe generate SOURCE ...`: load the source's sampler first, then parse the options its family has."""
+    import torch
+
+    from pipeline.export import load_sampler
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("source", nargs="?")
+    pre.add_argument("--device")
+    known, _ = pre.parse_known_args(argv)
+    if known.source is None:
+        generate_parser().parse_args(argv)  # the generic help, or its one-line error
+        return
+    device = known.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    sampler = load_sampler(known.source, device=device)
+    parser = generate_parser(type(sampler), sampler.conditioning, sampler.family)
+    args = parser.parse_args(argv)
+    args.sampler = sampler
+    _cmd_generate(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,89 +425,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.set_defaults(func=_cmd_export)
 
+    from pipeline.export.sources import available_converters
+
     p = sub.add_parser("convert", help="convert official checkpoints to a ganpipe export folder")
     convert_sub = p.add_subparsers(dest="convert_command", required=True, metavar="FORMAT")
-    s = convert_sub.add_parser(
-        "nvlabs", help="NVIDIA StyleGAN2-ADA / StyleGAN3 (--cfg=stylegan2) network-snapshot .pkl (never executed)"
-    )
-    s.add_argument("snapshot", help="network-snapshot-*.pkl (any fsspec URL)")
-    s.add_argument("--out", required=True, help="output folder: generator.safetensors + generator.json")
-    s.add_argument(
-        "--discriminator",
-        action="store_true",
-        help="also write D and the non-EMA G (discriminator.safetensors, generator_train.safetensors) for init=",
-    )
-    s.set_defaults(func=_cmd_convert_nvlabs)
+    for name, converter in sorted(available_converters().items()):
+        s = convert_sub.add_parser(name, help=converter.help)
+        s.add_argument("source", help="the file or folder to convert (any fsspec URL)")
+        s.add_argument("--out", required=True, help="output folder: generator.safetensors + generator.json")
+        s.add_argument(
+            "--discriminator",
+            action="store_true",
+            help="also write D and the non-EMA G (discriminator.safetensors, generator_train.safetensors) for init=",
+        )
+        s.set_defaults(func=_cmd_convert)
 
-    p = sub.add_parser("generate", help="sample images from an exported generator")
-    p.add_argument("export_dir", help="folder written by `ganpipe export`")
-    p.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 1,5,9-12")
-    p.add_argument("--trunc", type=float, default=1.0, help="truncation psi (1 = none)")
-    p.add_argument("--class", dest="class_idx", type=int, default=None, help="class index for conditional models")
-    p.add_argument(
-        "--trunc-center",
-        choices=["class", "global"],
-        default="class",
-        help="conditional models: truncate toward the class's average w (default) or the global w_avg",
+    # Parsed by `_run_generate` once the source's family is known; listed here for `ganpipe --help`.
+    sub.add_parser(
+        "generate",
+        add_help=False,
+        help="sample images from an export, checkpoint, run dir or .pkl ('generate SRC --help': its family's options)",
     )
-    p.add_argument(
-        "--class-avg-samples", type=int, default=10_000, help="latents mapped to estimate a class's average w"
-    )
-    p.add_argument(
-        "--noise-mode",
-        choices=["const", "random", "none"],
-        default="const",
-        help="const: the stored noise (default); random: fresh noise from --noise-seed; none: no noise",
-    )
-    p.add_argument("--noise-seed", type=int, default=0, help="seed of the noise with --noise-mode random")
-    p.add_argument(
-        "--style-mix",
-        nargs=2,
-        metavar=("ROWS", "COLS"),
-        help="style-mixing grid of row seeds x column seeds, e.g. --style-mix 85,100,75 55,821 (needs --out)",
-    )
-    p.add_argument(
-        "--style-layers", default="0-6", help="with --style-mix: the styles (w indices) taken from the column seed"
-    )
-    p.add_argument(
-        "--interpolate", metavar="SEEDS", help="frames from seed to seed, e.g. 0,5,9 (one PNG per frame in --outdir)"
-    )
-    p.add_argument("--frames", type=int, default=30, help="with --interpolate: frames per transition")
-    p.add_argument(
-        "--interp-space",
-        choices=["w", "z"],
-        default="w",
-        help="with --interpolate: linear in W (default) or spherical (slerp) in Z",
-    )
-    p.add_argument("--out", help="write one grid PNG here")
-    p.add_argument("--outdir", help="write one PNG per seed (or per frame) into this folder")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.set_defaults(func=_cmd_generate)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # `submit RECIPE --profile NAME k=v ...`: argparse leaves KEY=VALUE after an option unparsed.
-        if args.command == "submit" and all("=" in e and not e.startswith("-") for e in extra):
-            args.overrides = [*args.overrides, *extra]
-        else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv[:1] == ["generate"]:
+        run = lambda: _run_generate(argv[1:])  # noqa: E731 - its options depend on the loaded generator's family
+    else:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # `submit RECIPE --profile NAME k=v ...`: argparse leaves KEY=VALUE after an option unparsed.
+            if args.command == "submit" and all("=" in e and not e.startswith("-") for e in extra):
+                args.overrides = [*args.overrides, *extra]
+            else:
+                parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        run = lambda: args.func(args)  # noqa: E731
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from pipeline.errors import GanpipeError
 
     try:
-        args.func(args)
+        code = run()
+    except SystemExit as e:  # --help, argparse's own exit, or a benchmark's failed check (its message as the code)
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)
+        return 1
     except GanpipeError as e:
         print(f"ganpipe: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("ganpipe: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

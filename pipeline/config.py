@@ -5,31 +5,30 @@ to the recipe's own folder) whose values it overrides. Command-line `key=value` 
 is checked before any work starts: an unknown key, a value of the wrong type and a value out of range each raise
 `ConfigError` with one line that names the key, the value and what is allowed.
 
-The model and objective sections are family-specific: `family` picks their dataclasses from the registries in
-`pipeline.models` and `pipeline.objectives`.
+The model and loss sections are family-specific: `family` picks their dataclasses from the family registry
+(`pipeline.families`), as well as the family's optional `auto` rule and its cross-section checks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import os
+import re
+import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import fsspec
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.augment.config import AugmentConfig
-from pipeline.config_auto import AutoConfig, auto_layer
 from pipeline.data.stream import StreamOptions
 from pipeline.errors import ConfigError, require
+from pipeline.families import get_family
 from pipeline.metrics.config import EvalConfig
-from pipeline.models import MODEL_CONFIGS
-from pipeline.objectives import OBJECTIVE_CONFIGS
+from pipeline.schema import parse_section, section_dict
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -37,8 +36,6 @@ def _is_power_of_two(n: int) -> bool:
 
 
 def _is_signal_name(name: str) -> bool:
-    import signal
-
     return isinstance(getattr(signal, f"SIG{name.upper().removeprefix('SIG')}", None), signal.Signals)
 
 
@@ -115,6 +112,7 @@ class TrainConfig:
     num_nodes: int = 1  # nodes; devices * num_nodes ranks share data.batch_size
     batch_gpu: int | None = None  # images per forward/backward on one rank (gradient accumulation); null = all
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # collectives: auto = NCCL on GPU, gloo on CPU
+    strategy: Literal["phase_sync"] = "phase_sync"  # gradient sync across ranks (pipeline.train.strategy)
     sync_batchnorm: bool = False  # batch-norm statistics over all ranks (BigGAN-class models)
     requeue_signal: str | None = "USR1"  # Slurm's pre-timeout signal: checkpoint, requeue, exit; null = ignore it
     samples_every_kimg: float = 50
@@ -173,6 +171,17 @@ class LoggerConfig:
 
 
 @dataclass
+class AutoConfig:
+    """`auto.gpus`: size the run for this many GPUs with the family's `auto` rule (StyleGAN2: NVIDIA's cfg=auto);
+    null = the rule is off."""
+
+    gpus: int | None = None
+
+    def validate(self, prefix: str) -> None:
+        require(self.gpus is None or self.gpus >= 1, f"{prefix}.gpus", self.gpus, "must be a GPU count >= 1 or null")
+
+
+@dataclass
 class OpsConfig:
     impl: Literal["auto", "ref", "triton"] = "auto"  # 'ref' forces the pure-PyTorch ops everywhere
 
@@ -193,44 +202,33 @@ class Config:
     ops: OpsConfig = field(default_factory=OpsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    auto: AutoConfig = field(default_factory=AutoConfig)  # NVIDIA's cfg=auto rule (pipeline.config_auto)
+    auto: AutoConfig = field(default_factory=AutoConfig)  # the family's auto rule (StyleGAN2: NVIDIA's cfg=auto)
     init: str | None = None  # start a new run from these weights: export/convert folder, NVIDIA .pkl or checkpoint
     freeze_d: int = 0  # freeze D's first N layers from the input side, as NVIDIA's --freezed (transfer learning)
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """Every section, then the top-level keys and the family's cross-section rules. `prefix` is part of the
+        section interface (`pipeline.schema.parse_section`); the top level has none."""
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         require(self.seed >= 0, "seed", self.seed, "must be >= 0")
         require(self.freeze_d >= 0, "freeze_d", self.freeze_d, "must be >= 0 (0 = train every D layer)")
-        # Cross-section rule owned by the family: e.g. per-layer fp16 and Lightning's autocast exclude each other.
-        check_precision = getattr(self.model, "validate_precision", None)
-        if check_precision is not None:
-            check_precision("model", self.train.precision)
+        family = get_family(self.family)
+        if family.check_config is not None:
+            family.check_config(self)  # rules across sections, e.g. StyleGAN2's float16 layers vs autocast
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict of builtins (safe for JSON, YAML and `torch.load(weights_only=True)`)."""
-        return plain_builtins(dataclasses.asdict(self))
-
-
-def plain_builtins(obj: Any) -> Any:
-    """Dicts of any mapping type to plain dicts and tuples to lists, recursively (JSON- and YAML-friendly)."""
-    if isinstance(obj, dict):
-        return {k: plain_builtins(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [plain_builtins(v) for v in obj]
-    return obj
+        return section_dict(self)
 
 
 @functools.cache
-def _schema(family: str) -> type[Config]:
+def _schema(family_name: str) -> type[Config]:
     """The Config dataclass with `model` and `loss` typed for one family (so OmegaConf can check them)."""
-    if family not in MODEL_CONFIGS:
-        close = difflib.get_close_matches(family, MODEL_CONFIGS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"family={family!r} is unknown: choose one of {', '.join(sorted(MODEL_CONFIGS))}{hint}")
-    model_cls, loss_cls = MODEL_CONFIGS[family], OBJECTIVE_CONFIGS[family]
+    family = get_family(family_name)
+    model_cls, loss_cls = family.model_config, family.loss_config
     return dataclasses.make_dataclass(
         "Config",
         [
@@ -241,34 +239,20 @@ def _schema(family: str) -> type[Config]:
     )
 
 
-def _valid_keys(schema: Any, prefix: str = "") -> list[str]:
-    keys = []
-    for f in dataclasses.fields(schema):
-        name = f"{prefix}{f.name}"
-        keys.append(name)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            keys.extend(_valid_keys(default, f"{name}."))
-    return keys
+PACKAGED_RECIPES = Path(__file__).resolve().parent / "recipes"  # shipped with the package (`recipes/` in a clone)
 
 
-def _check_keys(node: Any, schema: Any, valid: list[str], prefix: str = "") -> None:
-    """Unknown keys are the most common recipe mistake: name the key and the closest valid ones."""
-    if not isinstance(node, dict):
-        return
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in node.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.6)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key {dotted!r}{hint}")
-        f = fields[key]
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if dataclasses.is_dataclass(default):
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{dotted}={value!r} is invalid: it is a section, give it as {dotted}.KEY=VALUE")
-            _check_keys(value, type(default), valid, f"{dotted}.")
+def resolve_recipe(url: str) -> str:
+    """`url` when it exists (or is remote); else the recipe shipped with ganpipe that it names, so
+    `recipes/stylegan2/tiny.yaml` and `stylegan2/tiny` work from any directory after a plain `pip install`."""
+    if "://" in url or os.path.exists(url):
+        return url
+    name = url.removeprefix("recipes/")
+    for candidate in (name, f"{name}.yaml"):
+        packaged = PACKAGED_RECIPES / candidate
+        if packaged.is_file():
+            return str(packaged)
+    return url
 
 
 def _read_yaml(url: str) -> dict[str, Any]:
@@ -332,40 +316,42 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return out
 
 
-def _omegaconf_error(e: OmegaConfBaseException) -> ConfigError:
-    key = getattr(e, "full_key", None) or "config"
-    value = getattr(e, "value", None)
-    ref_type = getattr(e, "ref_type", None) or getattr(e, "object_type", None)
-    msg = str(e).splitlines()[0]
-    if value is not None:
-        allowed = f"expected {getattr(ref_type, '__name__', ref_type)}" if ref_type else msg
-        return ConfigError(f"{key}={value!r} is invalid: {allowed} ({msg})")
-    return ConfigError(f"{key}: {msg}")
-
-
 def build_config(raw: dict[str, Any]) -> Config:
     """Merge a nested dict onto the family's schema, check types and ranges, return the typed Config."""
     family = raw.get("family", Config.family)
     if not isinstance(family, str):
         raise ConfigError(f"family={family!r} is invalid: give a family name such as 'stylegan2'")
-    schema = _schema(family)
-    _check_keys(raw, schema, _valid_keys(schema))
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(raw))
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
-    cfg.validate()
-    return cfg
+    return parse_section(_schema(family), raw, "")
+
+
+def auto_layer(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The keys the family's `auto` rule sets for the merged recipe dict `raw`, or None when `auto.gpus` is unset."""
+    auto = raw.get("auto")
+    if auto is None:
+        return None
+    if not isinstance(auto, dict):
+        raise ConfigError(f"auto={auto!r} is invalid: it is a section, give it as auto.gpus=N")
+    gpus = auto.get("gpus")
+    if gpus is None:
+        return None
+    if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        raise ConfigError(f"auto.gpus={gpus!r} is invalid: must be a GPU count >= 1 or null")
+    family = get_family(str(raw.get("family", Config.family)))
+    if family.derive_auto is None:
+        raise ConfigError(f"auto.gpus is set but family {family.name!r} has no auto rule: remove auto.gpus")
+    resolution = (raw.get("data") or {}).get("resolution", DataConfig.resolution)
+    if not isinstance(resolution, int) or isinstance(resolution, bool) or resolution < 1:
+        raise ConfigError(f"data.resolution={resolution!r} is invalid: must be a power of two >= 8")
+    return family.derive_auto(resolution, gpus)
 
 
 def load_config(recipe: str | None, overrides: list[str] | None = None) -> Config:
-    """The one way to get a Config: recipe (with its bases), then the `auto` rule's keys when `auto.gpus` is set,
-    then `key=value` overrides, then validation."""
-    raw = load_recipe(recipe) if recipe else {}
+    """The one way to get a Config: recipe (with its bases), then the family's `auto` rule's keys when
+    `auto.gpus` is set, then `key=value` overrides, then validation."""
+    raw = load_recipe(resolve_recipe(recipe)) if recipe else {}
     over = parse_overrides(overrides or [])
     raw = _deep_merge(raw, over)
-    derived = auto_layer(raw, DataConfig.resolution)
+    derived = auto_layer(raw)
     if derived is not None:
         raw = _deep_merge(_deep_merge(raw, derived), over)
     return build_config(raw)
@@ -417,8 +403,6 @@ class SlurmProfile:
         return self.tasks_per_node if self.tasks_per_node is not None else max(self.gpus_per_node, 1)
 
     def validate(self, prefix: str) -> None:
-        import re
-
         require(self.nodes >= 1, f"{prefix}.nodes", self.nodes, "must be >= 1")
         require(self.gpus_per_node >= 0, f"{prefix}.gpus_per_node", self.gpus_per_node, "must be >= 0")
         require(
@@ -458,14 +442,7 @@ class SlurmProfile:
 
 def build_profile(raw: dict[str, Any], prefix: str = "profile") -> SlurmProfile:
     """A `SlurmProfile` from a profile's YAML mapping, checked like a recipe (unknown keys, types, ranges)."""
-    _check_keys(raw, SlurmProfile, _valid_keys(SlurmProfile), f"{prefix}.")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SlurmProfile), OmegaConf.create(raw))
-        profile: SlurmProfile = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(e) from None
-    profile.validate(prefix)
-    return profile
+    return parse_section(SlurmProfile, raw, prefix)
 
 
 __all__ = [
@@ -482,11 +459,13 @@ __all__ = [
     "SynthConfig",
     "TrainConfig",
     "WandbConfig",
+    "auto_layer",
     "build_config",
     "build_profile",
     "config_from_dict",
     "load_config",
     "load_recipe",
     "parse_overrides",
+    "resolve_recipe",
     "to_yaml",
 ]

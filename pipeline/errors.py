@@ -28,6 +28,11 @@ class ExportError(GanpipeError, RuntimeError):
     """An exported generator is missing, corrupt, or of an unknown format."""
 
 
+class SamplingError(GanpipeError, ValueError):
+    """A generation request does not fit the generator: malformed seeds, a class for an unconditional model, an
+    option its family does not have."""
+
+
 class LaunchError(GanpipeError, RuntimeError):
     """A job cannot be submitted: no `sbatch`, an unknown profile, Slurm refused the job."""
 

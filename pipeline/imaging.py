@@ -1,4 +1,8 @@
-"""Image tensors to PNG files on any fsspec URL (sample grids during training, `ganpipe generate`)."""
+"""Generated images to 8 bits and to PNG files on any fsspec URL (sample grids, `ganpipe generate`, metrics).
+
+`to_uint8` is the one conversion from generator output to pixels: x in [-1, 1] -> clamp(x * 127.5 + 128, 0, 255),
+truncated, as NVIDIA's generate.py and metric code do, so ganpipe's PNGs and its FID inputs are NVIDIA's pixels.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +14,14 @@ import torch
 from PIL import Image
 
 
-def to_uint8(images: torch.Tensor, drange: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
-    """[N, C, H, W] float in `drange` -> [N, H, W, C] uint8 (rounded, clipped)."""
-    lo, hi = drange
-    x = (images.detach().float().cpu() - lo) * (255 / (hi - lo))
-    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] float in [-1, 1] -> uint8 [N, C, H, W] on the same device."""
+    return (images.detach() * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+
+
+def to_hwc(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] float in [-1, 1] -> [N, H, W, C] uint8 numpy (for PNGs)."""
+    return to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def grid_shape(n: int) -> tuple[int, int]:
@@ -46,4 +53,7 @@ def save_png(image: np.ndarray, url: str) -> None:
 def save_image_grid(images: torch.Tensor, url: str, grid: tuple[int, int] | None = None) -> None:
     """Float images in [-1, 1] -> one PNG grid at `url` (rows x cols, default near-square)."""
     rows, cols = grid if grid is not None else grid_shape(images.shape[0])
-    save_png(make_grid(to_uint8(images), rows, cols), url)
+    save_png(make_grid(to_hwc(images), rows, cols), url)
+
+
+__all__ = ["grid_shape", "make_grid", "save_image_grid", "save_png", "to_hwc", "to_uint8"]

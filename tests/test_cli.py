@@ -33,7 +33,7 @@ def test_train_then_resume_auto_via_cli(tmp_path: Path) -> None:
 def test_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
     for args, needle in [
         (["train", str(tmp_path / "missing.yaml")], "does not exist"),
-        (["export", str(tmp_path), "--out", str(tmp_path / "e")], "no readable checkpoint"),
+        (["export", str(tmp_path), "--out", str(tmp_path / "e")], "nor a run dir with checkpoints"),
         (["generate", str(tmp_path), "--out", str(tmp_path / "g.png")], "generator.json"),
         (["config", TINY_RECIPE, "data.url=" + str(tmp_path), "data.batch_size=0"], "data.batch_size=0"),
     ]:

@@ -4,7 +4,8 @@
 
 On a CUDA device: a markdown table of forward and forward+backward times (ref, triton), speed-ups, achieved GB/s
 and % of the measured copy bandwidth, on StyleGAN2 shapes and a whole 256px synthesis network. Without CUDA: a
-correctness-only pass under Triton's CPU interpreter. Exits 0 either way.
+correctness-only pass under Triton's CPU interpreter. Both check every triton result against the reference:
+exit 0 when all agree, 1 (with a FAIL line per case) when one does not.
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ from PIL import Image, ImageOps
 from webdataset import TarWriter
 
 from pipeline.data.codec import encode_image
-from pipeline.data.shards import Manifest, ShardInfo, _atomic_write, _HashingFile, write_manifest
+from pipeline.data.shards import Manifest, ShardInfo, _HashingFile, write_manifest
 from pipeline.errors import DatasetError
+from pipeline.storage import publish_atomic
 
 log = logging.getLogger(__name__)
 
@@ -383,7 +384,7 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
 
         def done(plan: _ShardPlan, info: dict[str, Any], bad: list[list[str]]) -> None:
             record = {"plan": plan.digest(options), "shard": info, "skipped": bad}
-            _atomic_write(fs, f"{root}/_progress/{plan.name}.json", json.dumps(record).encode())
+            publish_atomic(f"{root}/_progress/{plan.name}.json", json.dumps(record).encode(), fs=fs)
             infos[plan.name], skipped[plan.name] = info, bad
             report.written.append(plan.name)
             bar.update(len(plan.indices))
@@ -415,10 +416,10 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
         "samples": report.manifest.num_samples,
         "skipped": [{"source": ref, "reason": reason} for ref, reason in report.skipped],
     }
-    _atomic_write(fs, f"{root}/report.json", (json.dumps(summary, indent=1) + "\n").encode())
+    publish_atomic(f"{root}/report.json", (json.dumps(summary, indent=1) + "\n").encode(), fs=fs)
     if layout == "classes" and listing.class_names:
         mapping = {name: i for i, name in enumerate(listing.class_names)}
-        _atomic_write(fs, f"{root}/classes.json", (json.dumps(mapping, indent=1) + "\n").encode())
+        publish_atomic(f"{root}/classes.json", (json.dumps(mapping, indent=1) + "\n").encode(), fs=fs)
     write_manifest(out, report.manifest)
     for ref, reason in report.skipped[:20]:
         log.warning("skipped unreadable source %s (%s)", ref, reason)

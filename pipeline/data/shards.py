@@ -29,6 +29,7 @@ import fsspec
 from webdataset import TarWriter
 
 from pipeline.errors import DatasetError
+from pipeline.storage import publish_atomic
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -177,15 +178,8 @@ def read_manifest(url: str) -> Manifest:
 
 
 def write_manifest(url: str, manifest: Manifest) -> None:
-    """Write the manifest of dataset folder `url` atomically (temporary name, then rename)."""
-    fs, path = fsspec.core.url_to_fs(manifest_url(url))
-    _atomic_write(fs, path, manifest.to_json().encode())
-
-
-def _atomic_write(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    """Write the manifest of dataset folder `url` atomically (`pipeline.storage.publish_atomic`)."""
+    publish_atomic(manifest_url(url), manifest.to_json().encode())
 
 
 class _HashingFile:

@@ -50,7 +50,7 @@ import random
 import re
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -601,7 +601,8 @@ class StreamDataset:
 
     With `batch_size`, yields batches {"image": uint8 [B, C, H, W] (channels_last memory format), "label": int64
     numpy [B] (-1 = none; `StreamLoader` hands it out as a tensor), "caption": list[str], "key": list[str],
-    "stream": SlotReport}; without, single samples
+    "stream": SlotReport}, each passed through `transform` (run in the worker process, so it must pickle for the
+    forkserver and spawn start methods; numpy arrays it adds reach the trainer as tensors); without, single samples
     ("image" uint8 [C, H, W], "label" int). In `once` mode each worker's stream ends with one item holding only
     "stream" (its final counters; `read_once` consumes it)."""
 
@@ -621,6 +622,7 @@ class StreamDataset:
         rotation: int = 0,
         num_batches: int | None = None,
         options: StreamOptions | None = None,
+        transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     ) -> None:
         if batch_size is not None and batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive")
@@ -651,6 +653,7 @@ class StreamDataset:
         if len(self.positions) != self.slots_per_rank:
             raise ValueError(f"{len(self.positions)} positions for {self.slots_per_rank} slots per rank")
         self.rotation, self.num_batches = rotation, num_batches
+        self.transform = transform
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -684,7 +687,8 @@ class StreamDataset:
                 image = torch.from_numpy(hwc[0]).permute(2, 0, 1)  # [C, H, W] view of HWC memory (channels_last)
                 yield {"image": image, "label": s.label, "caption": s.caption, "key": s.key, "stream": reader.report()}
         else:
-            yield from self._batches(samples, reader, quota, pool)
+            for batch in self._batches(samples, reader, quota, pool):
+                yield self.transform(batch) if self.transform is not None else batch
         if self.mode == "once":
             yield {"stream": reader.report()}
 
@@ -931,11 +935,13 @@ def build_train_stream(
     world_size: int = 1,
     num_workers: int = 0,
     options: StreamOptions | None = None,
+    transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> tuple[StreamLoader, StreamMonitor]:
     """This rank's training loader (`num_batches` batches of `batch_size`) and the monitor that follows it.
 
     `saved` is the checkpoint's `data` entry (None for a new run); `steps_done` is how many batches each rank
-    consumed before (it sets the worker rotation); `cur_nimg` seeds a fresh stream when `saved` cannot be used.
+    consumed before (it sets the worker rotation); `cur_nimg` seeds a fresh stream when `saved` cannot be used;
+    `transform` runs on every batch in the workers (e.g. tokenizing captions).
     """
     options = options or StreamOptions()
     options.validate()
@@ -959,6 +965,7 @@ def build_train_stream(
         rotation=steps_done % k,
         num_batches=num_batches,
         options=options,
+        transform=transform,
     )
     base = (saved or {}).get("counters")
     monitor = StreamMonitor(state, rank, options, base=list(base) if base is not None else None)

@@ -390,28 +390,29 @@ def _default_start_method() -> str | None:
 
 
 def _finish_batch(item: dict[str, Any], board: PoolBoard | None) -> dict[str, Any]:
-    """An item as the trainer gets it: pooled images attached, labels as a tensor."""
+    """An item as the trainer gets it: pooled images attached, numpy arrays (labels, token ids) as tensors."""
     images = item.get("image")
     if isinstance(images, PooledImages):
         assert board is not None
         item["image"] = board.attach(images)
-    if isinstance(item.get("label"), np.ndarray):
-        item["label"] = torch.from_numpy(item["label"])
+    for name, value in item.items():
+        if isinstance(value, np.ndarray):
+            item[name] = torch.from_numpy(value)
     return item
 
 
 def _pinned(item: dict[str, Any]) -> dict[str, Any]:
-    """Images and labels copied to page-locked memory; a pooled batch's slot is free once this returns."""
-    for name in ("image", "label"):
-        if isinstance(item.get(name), torch.Tensor):
-            item[name] = item[name].pin_memory()
+    """Every tensor of a batch copied to page-locked memory; a pooled batch's slot is free once this returns."""
+    for name, value in item.items():
+        if isinstance(value, torch.Tensor):
+            item[name] = value.pin_memory()
     return item
 
 
 class StreamLoader:
     """Iterates a `StreamDataset`'s items over `dataset.num_workers` processes (in this process when 0).
 
-    `pin_memory` (default: when CUDA is available) hands out images and labels in page-locked memory, copied
+    `pin_memory` (default: when CUDA is available) hands out a batch's tensors in page-locked memory, copied
     in a thread ahead of the trainer, so that `.to("cuda", non_blocking=True)` overlaps the copy with compute.
     `start_method` is multiprocessing's ("fork", "forkserver", "spawn"; default: fork where there is one)."""
 

@@ -33,11 +33,11 @@ import fsspec
 import jinja2
 import yaml
 
-from pipeline.config import Config, SlurmProfile, build_profile, load_config
+from pipeline.config import Config, SlurmProfile, build_profile, load_config, resolve_recipe
 from pipeline.errors import ConfigError, LaunchError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch.j2"
+PACKAGED_SLURM = Path(__file__).resolve().parents[1] / "slurm"  # shipped with the package (`slurm/` in a clone)
+DEFAULT_TEMPLATE = PACKAGED_SLURM / "train.sbatch.j2"
 PORT_BASE, PORT_SPAN = 15000, 20000  # as pipeline.train.distributed.master_port
 
 
@@ -45,7 +45,7 @@ def profile_dirs() -> list[Path]:
     """Where `--profile NAME` is looked up, in order: $GANPIPE_PROFILES (colon-separated), ./slurm/profiles, the
     profiles shipped beside this package."""
     dirs = [Path(p) for p in os.environ.get("GANPIPE_PROFILES", "").split(os.pathsep) if p]
-    dirs += [Path.cwd() / "slurm" / "profiles", REPO_ROOT / "slurm" / "profiles"]
+    dirs += [Path.cwd() / "slurm" / "profiles", PACKAGED_SLURM / "profiles"]
     unique: list[Path] = []
     for d in dirs:
         if d.resolve() not in [u.resolve() for u in unique]:
@@ -150,7 +150,7 @@ def prepare(req: SubmitRequest) -> Submission:
     profile = _apply_cli(profile, req)
     workdir = Path(profile.workdir or os.getcwd()).resolve()
     accelerator = profile.accelerator if profile.accelerator != "auto" else ("gpu" if profile.gpus_per_node else "cpu")
-    recipe = _absolute(req.recipe, workdir)
+    recipe = _absolute(resolve_recipe(req.recipe), workdir)
 
     # The user's overrides first, then what the profile decides (the launch keys must match the allocation).
     probe = load_config(recipe, req.overrides)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     from pipeline.metrics.refs import reference_features
     from pipeline.metrics.spec import MetricSpec, parse_metric
 
-# Everything else loads on first use, so `pipeline.config` (which needs EvalConfig) stays light to import.
+# Everything else loads on first use: `pipeline.config` needs only EvalConfig, and an evaluation's heavy imports
+# (torch-fidelity, scipy) wait until something is evaluated.
 _LAZY = {
     "Evaluator": "evaluate",
     "GeneratorInfo": "evaluate",

@@ -1,10 +1,11 @@
 """Evaluate a generator: metric names in, numbers out; used by the training callback and `ganpipe eval`.
 
-Job: `Evaluator(cfg, data_url, resolution, cache_dir).evaluate(G, z_dim, c_dim)` computes `cfg.metrics`
-(`pipeline.metrics.spec`) for G with one pass of generated images (as many as the largest metric needs; metric
-m uses images 0..n_m-1) and one reference entry per distinct real count. It keeps the extractor and the
-reference features between calls, so evaluating every few kimg only pays for the generated images.
-`load_generator_source(path)` loads G from an export folder, a checkpoint or a run dir.
+Job: `Evaluator(cfg, data_url, resolution, cache_dir).evaluate(sampler)` computes `cfg.metrics`
+(`pipeline.metrics.spec`) for the generator behind a family's sampler (`pipeline.models.sampling`) with one pass
+of generated images (as many as the largest metric needs; metric m uses images 0..n_m-1) and one reference entry
+per distinct real count. It keeps the extractor and the reference features between calls, so evaluating every
+few kimg only pays for the generated images. `load_generator_source(path)` gives G_ema's sampler from anything
+`pipeline.export.open_networks` reads (an export folder, a checkpoint, a run dir, a convertible file).
 
 Result keys (what is logged and written to metrics.jsonl)
     fidN[_full]            FID
@@ -22,17 +23,17 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
-from torch import nn
 
 from pipeline.errors import ConfigError
+from pipeline.export import open_networks
 from pipeline.metrics.config import EvalConfig
 from pipeline.metrics.extractors import FeatureExtractor, build_extractor
 from pipeline.metrics.features import Features, generated_features
 from pipeline.metrics.math import GaussianStats, fid_from_stats, inception_score, kid, precision_recall
 from pipeline.metrics.refs import reference_features
 from pipeline.metrics.spec import MetricSpec, parse_metric
+from pipeline.models.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -48,36 +49,18 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 @dataclass
 class GeneratorInfo:
-    """A loaded generator and what evaluation needs to know about it."""
+    """A loaded generator (behind its family's sampler) and what evaluation needs to know about it."""
 
-    G: nn.Module
-    z_dim: int
-    c_dim: int
+    sampler: Sampler
     resolution: int
     kimg: float | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the training config, when the source has one
 
 
 def load_generator_source(source: str, device: str | torch.device = "cpu") -> GeneratorInfo:
-    """G_ema from an export folder (generator.json), a checkpoint file or a run dir (its newest checkpoint)."""
-    from pipeline.config import config_from_dict
-    from pipeline.export import META_FILE, load_generator, read_export_meta
-    from pipeline.models import get_family
-    from pipeline.train.checkpoint import load_checkpoint, resolve_checkpoint
-
-    fs, path = fsspec.core.url_to_fs(source)
-    if fs.exists(f"{path.rstrip('/')}/{META_FILE}"):
-        meta = read_export_meta(source)
-        G = load_generator(source, device)
-        return GeneratorInfo(G, meta.z_dim, meta.c_dim, meta.resolution, meta.kimg)
-    url = resolve_checkpoint(source)
-    state = load_checkpoint(url)
-    cfg = config_from_dict(state["config"])
-    G = get_family(cfg.family).build_generator(cfg.model, cfg.data.resolution)
-    G.load_state_dict(state["G_ema"])
-    G = G.eval().requires_grad_(False).to(device)
-    kimg = state["counters"]["cur_nimg"] / 1000
-    return GeneratorInfo(G, cfg.model.z_dim, cfg.model.c_dim, cfg.data.resolution, kimg, state["config"])
+    """G_ema (as its family's sampler) from an export folder, a checkpoint, a run dir or a convertible file."""
+    nets = open_networks(source)
+    return GeneratorInfo(nets.sampler(device), nets.resolution, nets.kimg, nets.config or {})
 
 
 class Evaluator:
@@ -102,8 +85,9 @@ class Evaluator:
             raise ConfigError("FID, KID and PR compare with real images: pass --data DATA_URL (a shard folder)")
         if any(s.kind == "clip_score" for s in self.specs):
             raise ConfigError(
-                "clip_score needs a text-conditional generator, which this ganpipe's families are not; "
-                "remove it from the metrics (pipeline.metrics.clip scores images against captions directly)"
+                "clip_score is not computed by evaluation in this release (it needs the text-to-image family's "
+                "captions protocol): remove it from the metrics; pipeline.metrics.clip scores images against "
+                "captions directly"
             )
         if cfg.extractor == "small" and any(s.kind == "is" for s in self.specs):
             raise ConfigError("Inception Score needs class logits: set eval.extractor=inception")
@@ -134,11 +118,11 @@ class Evaluator:
         return f
 
     @torch.no_grad()
-    def evaluate(self, G: nn.Module, z_dim: int, c_dim: int = 0) -> dict[str, float]:
+    def evaluate(self, sampler: Sampler) -> dict[str, float]:
         t0 = time.perf_counter()
         num_gen = max(s.num_gen for s in self.specs)
         gen = generated_features(
-            G, self.extractor, num_gen, z_dim=z_dim, c_dim=c_dim, seed=self.cfg.seed,
+            sampler, self.extractor, num_gen, seed=self.cfg.seed,
             batch_size=self.cfg.batch_size, keep_logits=any(s.kind == "is" for s in self.specs),
             device=self.device, progress=self.progress,
         )  # fmt: skip

@@ -1,16 +1,17 @@
 """Features of real and generated images, split across ranks and gathered so every rank holds the same result.
 
 Job: `real_features(...)` streams a dataset once (`pipeline.data.read_once`: rank r reads its share of the
-shards, every sample exactly once) and `generated_features(...)` draws images from a generator; both return
-`Features` identical (to float rounding) to a single-process run.
+shards, every sample exactly once) and `generated_features(...)` draws images through a family's sampler; both
+return `Features` identical (to float rounding) to a single-process run.
 
 Why results do not depend on the number of ranks
-    Generated image i always comes from z_i = randn(z_dim) of a private generator seeded by (seed, i), so
-    which rank draws it does not matter; ranks take contiguous index blocks and the gather concatenates them in
-    index order. Real images are put in sample-key order after the gather, and "the first N reals" are the
-    first N keys of the leading shards that hold N samples. When every real image is used and only the
-    Gaussian is needed (FID *_full), ranks add float64 sums instead of gathering features, so memory stays
-    O(D^2) for any dataset size.
+    Generated image i always comes from a private torch generator seeded by (seed, i): its z (the sampler's
+    `latents_from`) and then its conditioning (the conditioning's `for_eval`: a uniform class, a prompt) are
+    drawn from it, so which rank draws it does not matter; ranks take contiguous index blocks and the gather
+    concatenates them in index order. Real images are put in sample-key order after the gather, and "the first
+    N reals" are the first N keys of the leading shards that hold N samples. When every real image is used and
+    only the Gaussian is needed (FID *_full), ranks add float64 sums instead of gathering features, so memory
+    stays O(D^2) for any dataset size.
 
     Features are bit-identical to a single process when each rank's batches hold the same images as the
     single process's (same batch boundaries, same thread count); otherwise float32 rounding of the generator,
@@ -24,18 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.data import open_source, read_once
+from pipeline.imaging import to_uint8
 from pipeline.metrics.extractors import FeatureExtractor
 from pipeline.metrics.math import GaussianStats
+from pipeline.models.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -160,53 +162,35 @@ def real_features(
     return Features(GaussianStats.of(feats), feats if keep_features else None)
 
 
-def latents(indices: range, z_dim: int, c_dim: int, seed: int) -> tuple[Tensor, Tensor | None]:
-    """z (and one-hot c) of generated images `indices`: a function of (seed, index) only."""
-    zs, cs = [], []
-    for i in indices:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-        zs.append(torch.randn([z_dim], generator=gen))
-        if c_dim > 0:
-            cs.append(int(torch.randint(c_dim, (1,), generator=gen)))
-    z = torch.stack(zs) if zs else torch.zeros((0, z_dim))
-    c = torch.nn.functional.one_hot(torch.tensor(cs, dtype=torch.long), c_dim).float() if c_dim > 0 else None
-    return z, c
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    """Generator output in [-1, 1] -> uint8, rounding as StyleGAN2-ADA and `ganpipe generate` do."""
-    return (images * 127.5 + 128).clamp(0, 255).to(torch.uint8)
-
-
-def default_synthesize(G: nn.Module) -> Callable[[Tensor, Tensor | None], Tensor]:
-    return lambda z, c: G(z, c, noise_mode="const")
+def eval_generators(indices: range, seed: int) -> list[torch.Generator]:
+    """The private generator of each generated image: a function of (seed, index) only."""
+    return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
 
 
 @torch.no_grad()
 def generated_features(
-    G: nn.Module,
+    sampler: Sampler,
     extractor: FeatureExtractor,
     num: int,
     *,
-    z_dim: int,
-    c_dim: int = 0,
     seed: int = 0,
     batch_size: int = 64,
     keep_features: bool = True,
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
-    synthesize: Callable[[Tensor, Tensor | None], Tensor] | None = None,
 ) -> Features:
     """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order."""
     rank, size = world()
     lo, hi = rank * num // size, (rank + 1) * num // size
-    synth = synthesize or default_synthesize(G)
+    device = torch.device(device)
     feats, logits = [], []
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
     for start in range(lo, hi, batch_size):
-        z, c = latents(range(start, min(start + batch_size, hi)), z_dim, c_dim, seed)
-        images = to_uint8(synth(z.to(device), c.to(device) if c is not None else None))
+        generators = eval_generators(range(start, min(start + batch_size, hi)), seed)
+        z = sampler.latents_from(generators)  # each generator gives its image's z first, then its conditioning
+        c = sampler.conditioning.for_eval(generators, device)
+        images = to_uint8(sampler.synthesize(z.to(device), c))
         out = extractor(images)
         feats.append(out["features"].cpu())
         if keep_logits:
@@ -225,11 +209,10 @@ def generated_features(
 __all__ = [
     "Features",
     "all_reduce_stats",
+    "eval_generators",
     "gather_objects",
     "gather_rows",
     "generated_features",
-    "latents",
     "real_features",
-    "to_uint8",
     "world",
 ]

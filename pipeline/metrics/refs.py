@@ -18,7 +18,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import zipfile
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ from pipeline.data import open_source
 from pipeline.metrics.extractors import FeatureExtractor
 from pipeline.metrics.features import Features, real_features, world
 from pipeline.metrics.math import GaussianStats
+from pipeline.storage import publish_atomic
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -88,12 +88,7 @@ def _write(url: str, f: Features) -> None:
         arrays["features"] = f.features.numpy()
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = fs._parent(path)
-    fs.makedirs(parent, exist_ok=True)
-    tmp = f"{parent}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    fs.pipe_file(tmp, buffer.getvalue())
-    fs.mv(tmp, path)  # readers never see a half-written entry
+    publish_atomic(url, buffer.getvalue())  # readers never see a half-written entry
 
 
 def reference_features(

@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from pipeline.data import ensure_synthetic_dataset, open_source
 from pipeline.errors import ConfigError
 from pipeline.metrics.config import EvalConfig
 from pipeline.metrics.evaluate import Evaluator, load_generator_source
 from pipeline.metrics.extractors import build_extractor
 from pipeline.metrics.refs import reference_features
 from pipeline.metrics.spec import parse_metric
+from pipeline.storage import append_line
 
 
 def default_cache_dir() -> str:
@@ -77,8 +80,6 @@ def evaluate_source(
     if data_url is None and any(parse_metric(m).needs_reals for m in names):
         data_url = data.get("url")
         if data_url is None and data:  # trained on the built-in synthetic set: evaluate against the same set
-            from pipeline.data import ensure_synthetic_dataset
-
             synth = data.get("synth", {})
             data_url = ensure_synthetic_dataset(cache_dir, n=synth.get("n", 2000), resolution=info.resolution,
                                                 seed=synth.get("seed", 0))  # fmt: skip
@@ -86,7 +87,7 @@ def evaluate_source(
             raise ConfigError(f"{source!r} does not say which data it was trained on: pass --data DATA_URL")
     rank = dist.get_rank() if dist.is_initialized() else 0
     evaluator = Evaluator(cfg, data_url, info.resolution, cache_dir, dev, progress=progress and rank == 0)
-    results = evaluator.evaluate(info.G, info.z_dim, info.c_dim)
+    results = evaluator.evaluate(info.sampler)
     record = {
         "source": source,
         "data": data_url,
@@ -97,9 +98,7 @@ def evaluate_source(
         "results": results,
     }
     if jsonl and rank == 0:
-        from pipeline.train.eval_callback import append_jsonl
-
-        append_jsonl(jsonl, record)
+        append_line(jsonl, json.dumps(record))
     return record
 
 
@@ -119,8 +118,6 @@ def build_stats(
     cache_dir = cache_dir or default_cache_dir()
     cache_url = cfg.cache_url or f"{cache_dir.rstrip('/')}/metrics"
     if resolution is None:
-        from pipeline.data import open_source
-
         manifest = open_source(data_url).manifest
         resolution = manifest.resolution if manifest is not None else None
     extractor = build_extractor(cfg, cache_dir, dev)

@@ -1,42 +1,7 @@
-"""The one registry of network families: name -> config dataclass and builders of G and D.
+"""Networks, and how they are conditioned and sampled; nothing about training.
 
-A family module defines its networks and nothing about training. Every generator exposes `z_dim`, `c_dim`,
-`img_resolution`, `img_channels` and `forward(z, c, truncation_psi=..., noise_mode=...) -> images in [-1, 1]`;
-every discriminator `forward(img, c) -> logits [N, 1]`.
+`<family>.py` holds one family's networks and their config dataclass. Every generator exposes `z_dim`,
+`img_resolution`, `img_channels` and `forward(z, c) -> images in [-1, 1]`; every discriminator `forward(img, c)
+-> logits`. `conditioning` turns batches and requests into `c`; `sampling` (and `stylegan_sampling` for
+style-based generators) turns seeds into images. Families are assembled in `pipeline.families`.
 """
-
-from __future__ import annotations
-
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from torch import nn
-
-from pipeline.models import stylegan2
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    config_cls: type
-    build_generator: Callable[[Any, int], nn.Module]
-    build_discriminator: Callable[[Any, int], nn.Module]
-
-
-FAMILIES: dict[str, Family] = {
-    "stylegan2": Family(
-        "stylegan2", stylegan2.StyleGAN2Config, stylegan2.build_generator, stylegan2.build_discriminator
-    ),
-}
-
-MODEL_CONFIGS: dict[str, type] = {name: fam.config_cls for name, fam in FAMILIES.items()}
-
-
-def get_family(name: str) -> Family:
-    if name not in FAMILIES:
-        raise KeyError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
-
-
-__all__ = ["FAMILIES", "MODEL_CONFIGS", "Family", "get_family"]

@@ -1,6 +1,6 @@
 """Benchmark cases built from whole networks, for `pipeline.ops.bench` (which may not import models itself).
 
-`stylegan2_synthesis_case(resolution, dtype, device)`: StyleGAN2's synthesis network with the paper256 widths
+`synthesis_case(resolution, dtype, device)`: StyleGAN2's synthesis network with the paper256 widths
 (channel_base 16384, channel_max 512), batch 32, forward + backward under autocast, timed with every op on
 `impl='ref'` and then on `impl='triton'` (through `GANPIPE_OPS_IMPL`, restored after each call).
 """
@@ -16,7 +16,7 @@ from pipeline.ops._dispatch import ENV_VAR
 from pipeline.ops.bench import Case
 
 
-def stylegan2_synthesis_case(resolution: int, dtype: torch.dtype, device: str, batch: int = 32) -> Case:
+def synthesis_case(resolution: int, dtype: torch.dtype, device: str, batch: int = 32) -> Case:
     cfg = StyleGAN2Config(
         mapping=MappingConfig(num_layers=2),
         synthesis=SynthesisConfig(channel_base=16384, channel_max=512),

@@ -111,18 +111,6 @@ class StyleGAN2Config:
         self.synthesis.validate(f"{prefix}.synthesis")
         self.discriminator.validate(f"{prefix}.discriminator")
 
-    def validate_precision(self, prefix: str, precision: str) -> None:
-        """Per-layer float16 is its own precision recipe: under Lightning's autocast it would silently become
-        bfloat16, so the two are exclusive."""
-        for name, section in (("synthesis", self.synthesis), ("discriminator", self.discriminator)):
-            require(
-                section.num_fp16_res == 0 or precision == "32",
-                f"{prefix}.{name}.num_fp16_res",
-                section.num_fp16_res,
-                f"float16 layers need train.precision=32 (got {precision}); set {prefix}.{name}.num_fp16_res=0 "
-                "to use bf16-mixed",
-            )
-
 
 def fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
     """Lowest resolution whose blocks run in float16: the top `num_fp16_res` resolutions, never below 8x8
@@ -634,11 +622,3 @@ class Discriminator(nn.Module):
         blocks = [getattr(self, f"b{res}") for res in self.block_resolutions]
         names = ("fromrgb", "conv0", "conv1", "skip")
         return [getattr(b, n) for b in blocks for n in names if getattr(b, n, None) is not None]
-
-
-def build_generator(cfg: StyleGAN2Config, img_resolution: int) -> Generator:
-    return Generator(cfg, img_resolution)
-
-
-def build_discriminator(cfg: StyleGAN2Config, img_resolution: int) -> Discriminator:
-    return Discriminator(cfg, img_resolution)

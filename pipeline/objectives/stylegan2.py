@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from pipeline.augment import Augment
 from pipeline.errors import require
-from pipeline.objectives.base import Net, Objective, Phase, PhaseInputs
+from pipeline.objectives.base import Net, Networks, Objective, Phase, PhaseInputs
 from pipeline.objectives.regularizers import PathLengthRegularizer, r1_penalty
 
 
@@ -111,9 +111,8 @@ class StyleGAN2Objective(Objective):
     # ------------------------------------------------------------------------------------------------------------
     # Losses
 
-    def phase_loss(
-        self, phase: Phase, G: nn.Module, D: nn.Module, inputs: PhaseInputs
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    def phase_loss(self, phase: Phase, nets: Networks, inputs: PhaseInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        G, D = nets.G, nets.D
         stats: dict[str, Tensor] = {}
         gain = float(phase.interval)
 
@@ -134,8 +133,8 @@ class StyleGAN2Objective(Objective):
             stats["Loss/pl_penalty"] = penalty.detach().mean()
             stats["Loss/pl_length"] = lengths.detach().mean()
             stats["Loss/pl_mean"] = self.path_length.pl_mean.detach().clone()
-            # `gen_img[:, 0, 0, 0] * 0` ties the loss to every synthesis parameter so that a gradient all-reduce
-            # over G's parameters sees the same set on every rank.
+            # `gen_img[:, 0, 0, 0] * 0` gives every synthesis parameter a (zero) gradient, as NVIDIA's loss does:
+            # Adam then steps every parameter, so its per-parameter step counts and second moments stay NVIDIA's.
             return (gen_img[:, 0, 0, 0] * 0).sum() + loss * gain, stats
 
         if phase.name in ("Dmain", "Dboth", "Dreg"):
@@ -160,7 +159,7 @@ class StyleGAN2Objective(Objective):
                 stats["Loss/r1_penalty"] = penalty.detach().mean()
                 reg = penalty.mean() * (self.cfg.r1_gamma / 2)
                 if phase.name == "Dreg":
-                    # Zero-weighted logits keep D's output layer in the graph (same parameter set on every rank).
+                    # Zero-weighted logits give D's output layer a (zero) gradient, as in NVIDIA's loss (see Greg).
                     return (real_logits * 0).sum() + reg * gain, stats
                 loss = loss + reg
             return loss, stats

@@ -5,6 +5,9 @@ Every op takes `impl`: 'ref' (pure PyTorch), 'triton' (fused Triton kernels behi
 CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) or 'auto' (triton on CUDA, ref elsewhere), and is
 differentiable twice either way. `GANPIPE_OPS_IMPL=ref|triton` overrides the argument everywhere; a kernel that
 fails at run time falls back to the reference with one `OpsFallbackWarning`.
+
+Importing the package registers the ganpipe:: custom ops (the op modules import `_custom_ops` at the top); it
+builds no kernel and imports no triton: `_triton_kernels` is imported on the first impl='triton' call.
 """
 
 from pipeline.ops._dispatch import OpsBackendUnavailable, OpsFallbackWarning, resolve_impl
@@ -38,6 +41,3 @@ __all__ = [
     "upfirdn2d",
     "upsample2d",
 ]
-
-# Registers the ganpipe:: custom ops (the Triton backend's entry points); builds no kernel and imports no triton.
-from pipeline.ops import _custom_ops as _custom_ops

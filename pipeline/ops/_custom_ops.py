@@ -18,6 +18,10 @@ The op arguments are the *normalized* problem (2-D correlation kernel with the g
 and paddings; the activation by name with alpha and gain resolved, clamp < 0 meaning none), so that the public
 wrappers in upfirdn2d.py / bias_act.py keep NVIDIA's signatures. Each op's eager implementation runs the Triton
 kernel and, should it fail, the reference on the same normalized problem, with one warning per process.
+
+Imports: `_dispatch` and `_ref` (the references and the activation table) at the top, never a public op module,
+which import this one; `_triton_kernels` on the first fused call (`_kernels`; not a cycle: importing it imports
+triton, and `triton.jit` reads TRITON_INTERPRET when the kernels are decorated, so a harness can still set it).
 """
 
 from __future__ import annotations
@@ -27,10 +31,17 @@ from collections.abc import Callable
 import torch
 
 from pipeline.ops._dispatch import warn_fallback_once
-from pipeline.ops.bias_act import ACTIVATIONS, SELU_ALPHA, SELU_SCALE, _bias_act_ref
-from pipeline.ops.upfirdn2d import _upfirdn2d_ref
+from pipeline.ops._ref import ACTIVATIONS, SELU_ALPHA, SELU_SCALE, bias_act_ref, upfirdn2d_ref
 
 Tensor = torch.Tensor
+
+
+def _kernels():
+    """The Triton kernel module, imported on the first fused call rather than at the top: not a cycle, but
+    importing it imports triton and `triton.jit` reads TRITON_INTERPRET then, which a test harness may still set."""
+    from pipeline.ops import _triton_kernels  # lazy on purpose (TRITON_INTERPRET), see the docstring
+
+    return _triton_kernels
 
 
 def _with_fallback(op: str, fused: Callable[[], Tensor], ref: Callable[[], Tensor]) -> Tensor:
@@ -71,12 +82,10 @@ def upfirdn2d_op(
     pad = (pad_x0, pad_x1, pad_y0, pad_y1)
 
     def fused() -> Tensor:
-        from pipeline.ops import _triton_kernels
-
-        return _triton_kernels.upfirdn2d(x, k, (up_x, up_y), (down_x, down_y), pad)
+        return _kernels().upfirdn2d(x, k, (up_x, up_y), (down_x, down_y), pad)
 
     def ref() -> Tensor:
-        return _upfirdn2d_ref(x, k, up=(up_x, up_y), down=(down_x, down_y), padding=pad, flip_filter=True).clone(
+        return upfirdn2d_ref(x, k, up=(up_x, up_y), down=(down_x, down_y), padding=pad, flip_filter=True).clone(
             memory_format=torch.contiguous_format
         )
 
@@ -144,12 +153,10 @@ def bias_act_op(
     """y = clamp(act(x + b[broadcast along dim], alpha) * gain, -clamp, clamp); clamp < 0 disables clamping."""
 
     def fused() -> Tensor:
-        from pipeline.ops import _triton_kernels
-
-        return _triton_kernels.bias_act(x, b, dim, act, alpha, gain, _clamp_or_none(clamp))
+        return _kernels().bias_act(x, b, dim, act, alpha, gain, _clamp_or_none(clamp))
 
     def ref() -> Tensor:
-        return _bias_act_ref(x, b, dim, act, alpha, gain, _clamp_or_none(clamp)).clone(
+        return bias_act_ref(x, b, dim, act, alpha, gain, _clamp_or_none(clamp)).clone(
             memory_format=torch.contiguous_format
         )
 
@@ -226,9 +233,7 @@ def bias_act_grad_op(
     """dx = dy * act'(x + b) * gain * [|act(x + b) * gain| < clamp] (the gradient of `bias_act_op` in x)."""
 
     def fused() -> Tensor:
-        from pipeline.ops import _triton_kernels
-
-        return _triton_kernels.bias_act(x, b, dim, act, alpha, gain, _clamp_or_none(clamp), dy=dy)
+        return _kernels().bias_act(x, b, dim, act, alpha, gain, _clamp_or_none(clamp), dy=dy)
 
     def ref() -> Tensor:
         return _bias_act_grad_ref(dy, x, b, dim, act, alpha, gain, clamp)
@@ -298,13 +303,13 @@ bias_act_grad_op.register_autograd(_bias_act_grad_backward, setup_context=_bias_
 # ----------------------------------------------------------------------------------------------- scale_bias_act
 
 
-def _scale_bias_act_ref(
+def _scalebias_act_ref(
     x: Tensor, s: Tensor, noise: Tensor | None, b: Tensor | None, act: str, alpha: float, gain: float, clamp: float
 ) -> Tensor:
     z = x * s.to(x.dtype).reshape(s.shape[0], s.shape[1], 1, 1)
     if noise is not None:
         z = z + noise.to(x.dtype)
-    return _bias_act_ref(z, b, 1, act, alpha, gain, _clamp_or_none(clamp)).contiguous()
+    return bias_act_ref(z, b, 1, act, alpha, gain, _clamp_or_none(clamp)).contiguous()
 
 
 @torch.library.custom_op("ganpipe::scale_bias_act", mutates_args=())
@@ -316,12 +321,10 @@ def scale_bias_act_op(
     whole epilogue (demodulation, noise, bias, activation, gain, clamp) as one pass of this op each."""
 
     def fused() -> Tensor:
-        from pipeline.ops import _triton_kernels
-
-        return _triton_kernels.scale_bias_act(x, s, noise, b, act, alpha, gain, _clamp_or_none(clamp))
+        return _kernels().scale_bias_act(x, s, noise, b, act, alpha, gain, _clamp_or_none(clamp))
 
     return _with_fallback(
-        "modulated_conv2d", fused, lambda: _scale_bias_act_ref(x, s, noise, b, act, alpha, gain, clamp)
+        "modulated_conv2d", fused, lambda: _scalebias_act_ref(x, s, noise, b, act, alpha, gain, clamp)
     )
 
 
@@ -378,10 +381,10 @@ def _kernel_2d(ky: Tensor, kx: Tensor) -> Tensor:
 
 
 def _filtered_lrelu_ref(x, b, kuy, kux, kdy, kdx, up, down, pad, gain, slope, clamp) -> Tensor:
-    z = _bias_act_ref(x, b, 1, "linear", 0.0, 1.0, None)
-    u = _upfirdn2d_ref(z, _kernel_2d(kuy, kux), up=up, padding=pad, flip_filter=True)
-    v = _bias_act_ref(u, None, 1, "lrelu", slope, gain, _clamp_or_none(clamp))
-    return _upfirdn2d_ref(v, _kernel_2d(kdy, kdx), down=down, flip_filter=True).contiguous()
+    z = bias_act_ref(x, b, 1, "linear", 0.0, 1.0, None)
+    u = upfirdn2d_ref(z, _kernel_2d(kuy, kux), up=up, padding=pad, flip_filter=True)
+    v = bias_act_ref(u, None, 1, "lrelu", slope, gain, _clamp_or_none(clamp))
+    return upfirdn2d_ref(v, _kernel_2d(kdy, kdx), down=down, flip_filter=True).contiguous()
 
 
 @torch.library.custom_op("ganpipe::filtered_lrelu", mutates_args=())
@@ -407,9 +410,7 @@ def filtered_lrelu_op(
     pad = (pad_x0, pad_x1, pad_y0, pad_y1)
 
     def fused() -> Tensor:
-        from pipeline.ops import _triton_kernels
-
-        return _triton_kernels.filtered_lrelu(
+        return _kernels().filtered_lrelu(
             x, b, (kuy, kux), (kdy, kdx), up, down, pad, gain, slope, _clamp_or_none(clamp)
         )
 

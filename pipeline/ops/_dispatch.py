@@ -88,17 +88,21 @@ _fallback_warned = False
 
 
 def warn_fallback_once(op: str, err: BaseException) -> None:
-    """Emit one `OpsFallbackWarning` per process for the first Triton failure; later failures are silent."""
+    """Emit one `OpsFallbackWarning` per process for the first Triton failure; later failures are silent.
+
+    Under an "error" warnings filter (the test suite's, `python -W error::pipeline.ops.OpsFallbackWarning`) the
+    warning raises instead, and then it does not count as emitted: every later failure raises as well, so that
+    one failing test cannot make the next kernel failure silent."""
     global _fallback_warned
     if _fallback_warned:
         return
-    _fallback_warned = True
     warnings.warn(
         f"pipeline.ops: the Triton kernel of {op} failed ({type(err).__name__}: {err}); falling back to the "
         f"PyTorch reference for this and every later failing call (set {ENV_VAR}=ref to silence this)",
         OpsFallbackWarning,
         stacklevel=3,
     )
+    _fallback_warned = True  # only once the warning was shown (or recorded), not when a filter made it raise
 
 
 def reset_fallback_warning() -> None:

@@ -36,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pipeline.ops.bias_act import SELU_ALPHA as _SELU_ALPHA
-from pipeline.ops.bias_act import SELU_SCALE as _SELU_SCALE
+from pipeline.ops._ref import SELU_ALPHA as _SELU_ALPHA
+from pipeline.ops._ref import SELU_SCALE as _SELU_SCALE
 
 # Activation ids shared with the launchers; the order is part of no public API.
 ACT_IDS: dict[str, int] = {

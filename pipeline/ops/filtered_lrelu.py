@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from pipeline.ops._custom_ops import filtered_lrelu_op
 from pipeline.ops._dispatch import resolve_impl
 from pipeline.ops.bias_act import bias_act
 from pipeline.ops.upfirdn2d import Padding, filter_size, parse_padding, upfirdn2d
@@ -110,8 +111,6 @@ def _filtered_lrelu_triton(
     clamp: float | None,
     flip_filter: bool,
 ) -> torch.Tensor:
-    from pipeline.ops._custom_ops import filtered_lrelu_op
-
     kuy, kux = separable_factors(fu, flip_filter, up**2, x.dtype, x.device)
     kdy, kdx = separable_factors(fd, flip_filter, 1.0, x.dtype, x.device)
     return filtered_lrelu_op(

@@ -30,6 +30,7 @@ import math
 
 import torch
 
+from pipeline.ops._custom_ops import scale, scale_bias_act_op
 from pipeline.ops._dispatch import resolve_impl
 from pipeline.ops.bias_act import ACTIVATIONS, bias_act
 from pipeline.ops.conv2d_resample import conv2d_resample
@@ -110,12 +111,7 @@ def modulated_conv2d(
 
     if not fused_modconv:
         fused_epilogue = impl == "triton"
-        if fused_epilogue:
-            from pipeline.ops._custom_ops import scale, scale_bias_act_op
-
-            x = scale(x, styles.to(x.dtype))
-        else:
-            x = x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
+        x = scale(x, styles.to(x.dtype)) if fused_epilogue else x * styles.to(x.dtype).reshape(batch_size, -1, 1, 1)
         x = conv2d_resample(
             x,
             weight.to(x.dtype),

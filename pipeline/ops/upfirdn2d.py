@@ -14,8 +14,9 @@ For every channel of x [N, C, H, W], with integer factors up = (ux, uy), down = 
 
 `setup_filter` prepares f (normalize to unit DC gain, separable or outer product, flip, gain); `filter2d`,
 `upsample2d`, `downsample2d` choose the padding that keeps the image centred and its size a multiple/fraction
-of the input. The reference is a composition of differentiable torch ops (pad, depthwise strided conv2d), so
-it supports gradients of any order with respect to x. The filter is a constant: it must not require grad.
+of the input. The reference (`_ref.upfirdn2d_ref`, with the argument parsers re-exported here) is a composition
+of differentiable torch ops (pad, depthwise strided conv2d), so it supports gradients of any order with respect
+to x. The filter is a constant: it must not require grad.
 """
 
 from __future__ import annotations
@@ -23,42 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from pipeline.ops._custom_ops import upfirdn2d_op
 from pipeline.ops._dispatch import resolve_impl
-
-Scaling = int | Sequence[int]
-Padding = int | Sequence[int]
-
-
-def parse_scaling(scaling: Scaling) -> tuple[int, int]:
-    """Resampling factor as (x, y) from an int or an (x, y) pair; each >= 1."""
-    if isinstance(scaling, int):
-        scaling = (scaling, scaling)
-    assert isinstance(scaling, (list, tuple)) and len(scaling) == 2, f"expected int or (x, y), got {scaling!r}"
-    assert all(isinstance(s, int) and s >= 1 for s in scaling), f"factors must be ints >= 1, got {scaling!r}"
-    return scaling[0], scaling[1]
-
-
-def parse_padding(padding: Padding) -> tuple[int, int, int, int]:
-    """Padding as (x_before, x_after, y_before, y_after) from an int, an (x, y) pair or the 4-tuple itself."""
-    if isinstance(padding, int):
-        padding = (padding, padding)
-    assert isinstance(padding, (list, tuple)) and len(padding) in (2, 4), f"bad padding {padding!r}"
-    assert all(isinstance(p, int) for p in padding), f"padding must be ints, got {padding!r}"
-    if len(padding) == 2:
-        return padding[0], padding[0], padding[1], padding[1]
-    return padding[0], padding[1], padding[2], padding[3]
-
-
-def filter_size(f: torch.Tensor | None) -> tuple[int, int]:
-    """(width, height) of a prepared filter: None is 1x1, a 1-D filter of t taps is t x t."""
-    if f is None:
-        return 1, 1
-    assert isinstance(f, torch.Tensor) and f.ndim in (1, 2), "filter must be a 1-D or 2-D tensor (or None)"
-    fw, fh = int(f.shape[-1]), int(f.shape[0])
-    assert fw >= 1 and fh >= 1
-    return fw, fh
+from pipeline.ops._ref import Padding, Scaling, filter_size, parse_padding, parse_scaling, upfirdn2d_ref
 
 
 def setup_filter(
@@ -122,7 +91,7 @@ def upfirdn2d(
     assert w * ux + px0 + px1 >= fw and h * uy + py0 + py1 >= fh, "padded, upsampled image is smaller than the filter"
     if resolve_impl(impl, x) == "triton":
         return _upfirdn2d_triton(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
-    return _upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
+    return upfirdn2d_ref(x, f, up=up, down=down, padding=padding, flip_filter=flip_filter, gain=gain)
 
 
 def correlation_kernel(
@@ -151,48 +120,9 @@ def _upfirdn2d_triton(
     gain: float,
 ) -> torch.Tensor:
     """The fused path on checked, parsed arguments: the `ganpipe::upfirdn2d` custom op."""
-    from pipeline.ops._custom_ops import upfirdn2d_op
-
     assert x.is_floating_point(), "x must be a floating-point tensor"
     k = correlation_kernel(f, flip_filter, gain, x.dtype, x.device)
     return upfirdn2d_op(x, k, *up, *down, *padding)
-
-
-def _upfirdn2d_ref(
-    x: torch.Tensor,
-    f: torch.Tensor | None,
-    up: Scaling = 1,
-    down: Scaling = 1,
-    padding: Padding = 0,
-    flip_filter: bool = False,
-    gain: float = 1,
-) -> torch.Tensor:
-    """Reference: zero insertion by reshape + pad, F.pad (crops when negative), depthwise conv2d whose stride
-    does the downsampling (only the kept outputs are computed). Also the fused ops' fallback."""
-    n, c, h, w = x.shape
-    ux, uy = parse_scaling(up)
-    dx, dy = parse_scaling(down)
-    px0, px1, py0, py1 = parse_padding(padding)
-    fw, fh = filter_size(f)
-
-    # 1. Zero insertion: each sample is followed by (factor - 1) zeros along each axis.
-    if ux > 1 or uy > 1:
-        x = F.pad(x.reshape(n, c, h, 1, w, 1), [0, ux - 1, 0, 0, 0, uy - 1]).reshape(n, c, h * uy, w * ux)
-    # 2. Pad with zeros or crop (F.pad crops on negative amounts).
-    if px0 or px1 or py0 or py1:
-        x = F.pad(x, [px0, px1, py0, py1])
-
-    # 3 + 4. Filter and downsample.
-    if f is None:
-        x = x[:, :, : x.shape[2] - fh + 1 : dy, : x.shape[3] - fw + 1 : dx]
-        return x * gain if gain != 1 else x
-    k = f.to(x.dtype) * (gain ** (f.ndim / 2))
-    if not flip_filter:  # conv2d correlates, so a true convolution needs the flipped filter
-        k = k.flip(list(range(k.ndim)))
-    if k.ndim == 2:
-        return F.conv2d(x, k.expand(c, 1, fh, fw), stride=(dy, dx), groups=c)
-    x = F.conv2d(x, k.reshape(1, 1, 1, fw).expand(c, 1, 1, fw), stride=(1, dx), groups=c)
-    return F.conv2d(x, k.reshape(1, 1, fh, 1).expand(c, 1, fh, 1), stride=(dy, 1), groups=c)
 
 
 def filter2d(

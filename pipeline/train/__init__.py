@@ -1,6 +1,7 @@
-"""Training: GANTask (the engine), EMA, checkpoints, kimg-driven callbacks and the `train` entry point."""
+"""Training: GANTask (the engine), the gradient-sync strategies, EMA, kimg-driven callbacks, `init=` and the
+`train` entry point. Checkpoint files are `pipeline.checkpoint` (re-exported here for convenience)."""
 
-from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from pipeline.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from pipeline.train.run import TrainResult, train
 from pipeline.train.task import GANTask
 

@@ -13,14 +13,15 @@ from typing import Any
 import lightning as L
 import torch
 
-from pipeline.imaging import save_image_grid
-from pipeline.train.checkpoint import (
+from pipeline.checkpoint import (
     checkpoint_dir,
     checkpoint_name,
     clean_stale_temporaries,
     prune_checkpoints,
     save_checkpoint,
 )
+from pipeline.imaging import save_image_grid
+from pipeline.models.conditioning import index_c
 from pipeline.train.task import GANTask
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,9 @@ class KimgCheckpoint(L.Callback):
 
 
 class SampleGrid(L.Callback):
-    """Grids of G_ema samples from fixed latents (`samples/fakesNNNNNN.png`, kimg in the name) plus the reals."""
+    """Grids of G_ema samples from fixed latents (`samples/fakesNNNNNN.png`, kimg in the name) plus the reals.
+
+    Drawn by the family's sampler, with the conditioning's grid (classes in turn, or the recipe's prompts)."""
 
     def __init__(self, run_dir: str, every_kimg: float, rows: int, cols: int, seed: int) -> None:
         self.samples_dir = f"{run_dir.rstrip('/')}/samples"
@@ -108,16 +111,14 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero:
             return
         n = self.rows * self.cols
+        sampler = task.sampler()
         # A private generator: sampling must not move the training RNG, or resume would not be exact.
         gen = torch.Generator().manual_seed(self.seed)
-        z = torch.randn([n, task.z_dim], generator=gen).to(task.device)
-        c = task.labels_to_c(torch.arange(n, device=task.device) % max(task.c_dim, 1))
-        images = torch.cat([task.G_ema(z_, c_, noise_mode="const") for z_, c_ in _chunks(z, c, 16)])
+        z = torch.randn([n, sampler.z_dim], generator=gen).to(task.device)
+        c = sampler.conditioning.grid(n, task.device)
+        images = torch.cat(
+            [sampler.synthesize(z[i : i + 16], index_c(c, slice(i, i + 16))).cpu() for i in range(0, n, 16)]
+        )
         url = f"{self.samples_dir}/fakes{task.cur_nimg // 1000:06d}.png"
         save_image_grid(images, url, (self.rows, self.cols))
         log.info("wrote sample grid %s", url)
-
-
-def _chunks(z: torch.Tensor, c: torch.Tensor | None, size: int):
-    for i in range(0, z.shape[0], size):
-        yield z[i : i + size], (c[i : i + size] if c is not None else None)

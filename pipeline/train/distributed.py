@@ -38,8 +38,11 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins import LayerSync
 from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
+
+from pipeline.nn.batchnorm import convert_batchnorm
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,17 @@ class GANStrategy(DDPStrategy):
     def configure_ddp(self) -> None:
         assert isinstance(self.model, L.LightningModule)
         broadcast_module_states(self.model)
+
+
+class CrossReplicaBatchNormSync(LayerSync):
+    """`train.sync_batchnorm`: every BatchNorm of the task becomes a `CrossReplicaBatchNorm` while it trains (batch
+    statistics over all ranks and nodes, on gloo and NCCL alike; torch's SyncBatchNorm refuses CPU tensors)."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        return convert_batchnorm(model, to_cross_replica=True)
+
+    def revert(self, model: nn.Module) -> nn.Module:
+        return convert_batchnorm(model, to_cross_replica=False)
 
 
 def slurm_environment() -> SLURMEnvironment | None:

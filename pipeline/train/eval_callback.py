@@ -28,28 +28,14 @@ import fsspec
 import lightning as L
 import torch
 
+from pipeline.checkpoint import checkpoint_dir, save_checkpoint
 from pipeline.config import Config
 from pipeline.metrics import Evaluator, better
+from pipeline.storage import append_line, publish_atomic
 from pipeline.train.callbacks import crossed
-from pipeline.train.checkpoint import checkpoint_dir, save_checkpoint
 from pipeline.train.task import GANTask
 
 log = logging.getLogger(__name__)
-
-
-def append_jsonl(url: str, record: dict[str, Any]) -> None:
-    """Append one JSON line; local files in append mode, object stores by an atomic rewrite (no append there)."""
-    line = json.dumps(record, sort_keys=False) + "\n"
-    fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        with fs.open(path, "a") as fh:
-            fh.write(line)
-        return
-    old = fs.cat_file(path) if fs.exists(path) else b""
-    tmp = f"{path}.tmp"
-    fs.pipe_file(tmp, old + line.encode())
-    fs.mv(tmp, path)
 
 
 class EvalCallback(L.Callback):
@@ -94,7 +80,7 @@ class EvalCallback(L.Callback):
         t0 = time.perf_counter()
         devices = [task.device] if task.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            results = self.evaluator.evaluate(task.G_ema, task.z_dim, task.c_dim)
+            results = self.evaluator.evaluate(task.sampler())
         seconds = time.perf_counter() - t0
         kimg = task.cur_nimg / 1000
         if trainer.is_global_zero:
@@ -111,7 +97,7 @@ class EvalCallback(L.Callback):
                 "extractor": self.evaluator.extractor.extractor_id,
                 "results": results,
             }
-            append_jsonl(self.metrics_url, record)
+            append_line(self.metrics_url, json.dumps(record))
             log.info("kimg %.1f: %s", kimg, "  ".join(f"{k} {v:.4g}" for k, v in results.items()))
         name = self.cfg.eval.best_metric
         if name and better(name, results[name], self.best):  # identical on every rank: all take the branch
@@ -121,11 +107,10 @@ class EvalCallback(L.Callback):
                 url = f"{checkpoint_dir(self.run_dir)}/best-{name}.pt"
                 save_checkpoint(state, url)
                 info = {"metric": name, "value": self.best, "kimg": kimg, "checkpoint": url}
-                fs, path = fsspec.core.url_to_fs(self.best_json_url)
-                fs.pipe_file(path, json.dumps(info, indent=1).encode())
+                publish_atomic(self.best_json_url, json.dumps(info, indent=1).encode())
                 log.info("new best %s %.4g at %.1f kimg: %s", name, self.best, kimg, url)
             trainer.strategy.barrier("best-checkpoint")
         return results
 
 
-__all__ = ["EvalCallback", "append_jsonl"]
+__all__ = ["EvalCallback"]

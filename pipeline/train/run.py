@@ -7,7 +7,8 @@ raising `total_kimg`.
 
 Several processes (`train.devices` x `train.num_nodes` ranks): every rank runs `train()`. Under `srun` the ranks
 come from Slurm (Lightning's SLURMEnvironment, master port derived from the job id); elsewhere Lightning launches
-the local processes itself (or joins torchrun's). Gradient sync is `pipeline.train.distributed.GANStrategy`.
+the local processes itself (or joins torchrun's). Gradient sync is the strategy `train.strategy` selects
+(`pipeline.train.strategy`; by default the per-phase all-reduce of `pipeline.train.distributed`).
 Before the process group exists, only rank 0 writes (config.yaml, the wandb run id) and the synthetic dataset is
 made under a file lock; checkpoints, sample grids and logs are written by rank 0 only. A pre-timeout signal or
 SIGTERM stops training at the next step with a checkpoint (`pipeline.train.preemption`); after the pre-timeout
@@ -20,6 +21,7 @@ import contextlib
 import logging
 import math
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +32,20 @@ import lightning as L
 from filelock import FileLock
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
+from pipeline.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
 from pipeline.config import Config, to_yaml
 from pipeline.data import StreamLoader, StreamOptions, build_train_stream, ensure_synthetic_dataset, read_manifest
 from pipeline.errors import ConfigError
+from pipeline.families import get_family
 from pipeline.ops._dispatch import ENV_VAR as OPS_ENV_VAR
+from pipeline.storage import publish_atomic
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
-from pipeline.train.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
-from pipeline.train.distributed import GANStrategy, is_global_zero_from_env, leave_process_group, slurm_environment
+from pipeline.train.distributed import is_global_zero_from_env, leave_process_group, slurm_environment
+from pipeline.train.eval_callback import EvalCallback
 from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
+from pipeline.train.strategy import GradientSync, build_sync
 from pipeline.train.task import GANTask
+from pipeline.train.transfer import init_networks
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +72,16 @@ def dataset_url(cfg: Config) -> str:
 
 
 def check_dataset_fits(cfg: Config, url: str) -> None:
-    """The dataset's resolution and classes must match the model before any work starts."""
+    """The dataset's resolution, and what the family's conditioning needs of it (labels, captions), before any
+    work starts."""
     manifest = read_manifest(url)
     if manifest.resolution != cfg.data.resolution:
         raise ConfigError(
             f"data.resolution={cfg.data.resolution} but the dataset at {url!r} is {manifest.resolution}px: "
             f"set data.resolution={manifest.resolution} or re-shard the data"
         )
-    c_dim = getattr(cfg.model, "c_dim", 0)
-    if c_dim > 0 and (not manifest.has_labels or manifest.num_classes != c_dim):
-        classes = manifest.num_classes if manifest.has_labels else "no"
-        raise ConfigError(
-            f"model.c_dim={c_dim} but the dataset at {url!r} has {classes} classes: "
-            "set model.c_dim to match (0 = unconditional)"
-        )
+    family = get_family(cfg.family)
+    family.build_conditioning(family.spec(cfg.model, cfg.data.resolution, cfg)).check_dataset(manifest, url)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -117,6 +120,7 @@ class ShardDataModule(L.LightningDataModule):
             world_size=world,
             num_workers=d.num_workers,
             options=StreamOptions.from_config(d),
+            transform=task.conditioning.batch_transform(),  # e.g. captions -> token ids, in the data workers
         )
         task.data_monitor = monitor
         return loader
@@ -140,16 +144,21 @@ def _loggers(cfg: Config) -> list[Logger]:
 
 def _wandb_run_id(run_dir: str) -> str:
     """One wandb run per run dir: the id is stored beside the checkpoints so a resumed job continues it."""
-    import wandb
-
     url = f"{run_dir.rstrip('/')}/wandb_run_id.txt"
     fs, path = fsspec.core.url_to_fs(url)
     if fs.exists(path):
         return fs.cat_file(path).decode().strip()
-    run_id = wandb.util.generate_id()
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    fs.pipe_file(path, run_id.encode())
+    run_id = uuid.uuid4().hex[:12]  # wandb takes any letters and digits (its own id helper moved between versions)
+    publish_atomic(path, run_id.encode(), fs=fs)
     return run_id
+
+
+def _finish_wandb(trainer: L.Trainer) -> None:
+    """End this attempt's wandb run (Lightning leaves it open): a later `train()` in the same process, e.g. a resume,
+    then starts its own attempt of the run instead of writing into this one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
 
 
 def _load_resume_state(cfg: Config, resume: str | None) -> tuple[str | None, dict[str, Any] | None]:
@@ -181,23 +190,22 @@ def _check_compatible(cfg: Config, state: dict[str, Any], url: str) -> None:
         raise ConfigError(f"checkpoint {url!r} was trained at another data.resolution: use the same resolution")
 
 
-def build_trainer(cfg: Config, callbacks: list[L.Callback]) -> L.Trainer:
+def build_trainer(cfg: Config, callbacks: list[L.Callback], sync: GradientSync | None = None) -> L.Trainer:
+    """Lightning's Trainer for `cfg`: processes from the gradient-sync strategy (`sync`, default `train.strategy`'s),
+    our own checkpoints and loggers, one epoch over the finite stream."""
     t = cfg.train
     steps_per_log = max(1, round(t.log_every_kimg * 1000 / cfg.data.batch_size))
-    plugins: list[Any] = []
+    sync = sync or build_sync(cfg)
+    plugins: list[Any] = sync.trainer_plugins()
     env = slurm_environment()
     if env is not None:
         plugins.append(env)
-    strategy: Any = "auto"
-    if t.devices * t.num_nodes > 1:
-        strategy = GANStrategy(process_group_backend=None if t.backend == "auto" else t.backend)
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=strategy,
+        strategy=sync.trainer_strategy(),
         plugins=plugins or None,
-        sync_batchnorm=t.sync_batchnorm and t.devices * t.num_nodes > 1,
         precision=t.precision,
         max_epochs=1,  # one pass over a finite stream sized to reach total_kimg
         logger=_loggers(cfg) or False,
@@ -251,9 +259,7 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         task.load_training_state(state)
         log.info("resuming from %s at %.1f kimg", ckpt_url, task.cur_nimg / 1000)
     elif cfg.init:
-        from pipeline.export.init import init_networks  # late: pipeline.export itself imports pipeline.train
-
-        init_networks(cfg.init, cfg.to_dict()["model"], cfg.data.resolution, task.G, task.G_ema, task.D)
+        init_networks(cfg.init, cfg.family, cfg.to_dict()["model"], cfg.data.resolution, task.G, task.G_ema, task.D)
 
     if task.cur_nimg >= cfg.train.total_nimg:
         log.info(
@@ -268,14 +274,15 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
     ]
     if cfg.eval.metrics:
-        from pipeline.train.eval_callback import EvalCallback  # late: metrics pull in torch-fidelity and scipy
-
         callbacks.append(EvalCallback(cfg, url))
     # Last: a checkpoint already due at this step is not written twice.
     preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal)
     callbacks.append(preemption)
-    trainer = build_trainer(cfg, callbacks)
-    trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
+    trainer = build_trainer(cfg, callbacks, task.sync)
+    try:
+        trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
+    finally:
+        _finish_wandb(trainer)
     checkpoints = list_checkpoints(cfg.run_dir)
     requeued = requeue_if_requested(preemption, trainer.is_global_zero)
     leave_process_group()

@@ -1,19 +1,23 @@
 """GANTask: the one training engine for every family (a LightningModule with manual optimization).
 
-Each training step runs the family objective's phases in order (e.g. Gmain, Greg, Dmain, Dreg). A phase draws
-fresh latents, computes its loss with only its own network trainable, backpropagates, sanitises non-finite
-gradients and steps its network's optimizer. After the phases, G_ema follows G. Progress is counted in images
-shown (`cur_nimg`, reported in kimg), not in Lightning's global_step, which counts optimizer steps.
+Each training step consumes one real batch and runs the family objective's phases that are due (e.g. Gmain, Greg,
+Dmain, Dreg). A phase draws fresh latents, computes its loss with only its own network(s) trainable,
+backpropagates (over `train.batch_gpu` accumulation rounds) and hands the gradients to the gradient-sync strategy
+(`pipeline.train.strategy`: reduce over ranks, sanitise, step). After a step in which G changed, G_ema follows it.
+Progress is counted in images shown (`cur_nimg`, reported in kimg), not in Lightning's global_step, which counts
+optimizer steps.
 
-`training_state()` / `load_training_state()` hold everything needed to continue bit-for-bit: networks,
-optimizers, objective state, augmentation state (ADA's p and its pending sign sums), counters, RNG states and the
-data position. The augmentation pipe (`cfg.augment`) is handed to every phase; after each step it may adjust p
-(ADA, with the sign sums reduced over ranks) and its values are logged (`Augment/p`, `Augment/rt`).
+What the engine takes from the family record (`pipeline.families`), and nothing else: the networks (G, D, the
+family's further trained networks, frozen auxiliary networks), the objective, the conditioning (a batch's `c` for
+the reals, the fakes' `c`, frozen encoders run on the device) and the sampler (sample grids).
 
-Several ranks (`pipeline.train.distributed`): each phase's gradients are averaged over the ranks once, after its
-last backward (and after `train.batch_gpu` accumulation rounds), before its optimizer step; running statistics
-(buffers) are averaged after each step; logged losses are means over ranks; each rank draws its own latents and
-its RNG state is checkpointed per rank.
+`training_state()` / `load_training_state()` hold everything needed to continue bit-for-bit: networks, optimizers,
+objective state, augmentation state (ADA's p and its pending sign sums), counters, RNG states and the data
+position. The augmentation pipe (`cfg.augment`) is handed to every phase; after each step it may adjust p (ADA,
+with the sign sums reduced over ranks) and its values are logged (`Augment/p`, `Augment/rt`).
+
+Several ranks: gradients and buffers meet through the strategy; logged losses are means over ranks; each rank
+draws its own latents and its RNG state is checkpointed per rank.
 """
 
 from __future__ import annotations
@@ -21,33 +25,28 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from torch import Tensor
+import torch.distributed as dist
+from torch import Tensor, nn
 
 from pipeline.augment import build_augment
 from pipeline.config import Config
 from pipeline.data.stream import StreamMonitor
 from pipeline.errors import CheckpointError, ConfigError
-from pipeline.models import get_family
-from pipeline.objectives import Phase, PhaseInputs, build_objective
-from pipeline.train.distributed import BufferSync, all_reduce_gradients, rank_seed
+from pipeline.families import get_family
+from pipeline.models.conditioning import Cond, index_c
+from pipeline.models.sampling import Sampler
+from pipeline.objectives import Networks, Phase, PhaseInputs
+from pipeline.train.distributed import rank_seed
 from pipeline.train.ema import ema_beta, update_ema
+from pipeline.train.strategy import build_sync
+from pipeline.train.transfer import freeze_discriminator
 
 log = logging.getLogger(__name__)
-
-
-def lazy_adam_hparams(
-    lr: float, betas: tuple[float, float], reg_interval: int | None
-) -> tuple[float, tuple[float, float]]:
-    """Adam lr/betas corrected for lazy regularization: the optimizer steps (k+1)/k as often per k batches."""
-    if reg_interval is None:
-        return lr, betas
-    ratio = reg_interval / (reg_interval + 1)
-    return lr * ratio, (betas[0] ** ratio, betas[1] ** ratio)
 
 
 class GANTask(L.LightningModule):
@@ -55,30 +54,66 @@ class GANTask(L.LightningModule):
         super().__init__()
         self.automatic_optimization = False
         self.cfg = cfg
-        family = get_family(cfg.family)
-        self.G = family.build_generator(cfg.model, cfg.data.resolution)
-        self.D = family.build_discriminator(cfg.model, cfg.data.resolution)
+        self.family = get_family(cfg.family)
+        spec = self.family.spec(cfg.model, cfg.data.resolution, cfg)
+        self.G = self.family.build_generator(spec)
+        self.D = self.family.build_discriminator(spec)
+        self.extra = nn.ModuleDict(self.family.build_extra(spec) if self.family.build_extra is not None else {})
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.objective = build_objective(cfg.family, cfg.loss)
+        self.objective = self.family.build_objective(cfg)
+        self.conditioning = self.family.build_conditioning(spec)
+        # Frozen networks (a loss's feature extractor, the conditioning's text encoder) are deliberately not
+        # submodules: they stay out of state_dict, checkpoints, optimizers and the EMA. `on_fit_start` moves them.
+        frozen = dict(self.family.build_frozen(cfg) if self.family.build_frozen is not None else {})
+        frozen.update(self.conditioning.modules())
+        self.frozen: dict[str, nn.Module] = {k: m.eval().requires_grad_(False) for k, m in frozen.items()}
         self.augment = build_augment(cfg.augment, getattr(cfg.model, "img_channels", 3))
         if cfg.freeze_d > 0:
             freeze_discriminator(self.D, cfg.freeze_d)
+        self.net_names: list[str] = ["G", "D", *self.extra.keys()]
         self.phases: list[Phase] = self.objective.phases()
-        self.c_dim: int = cfg.model.c_dim
-        self.z_dim: int = cfg.model.z_dim
+        unknown = sorted({n for p in self.phases for n in p.nets} - set(self.net_names))
+        if unknown:
+            raise ConfigError(f"family {cfg.family!r}: phases train {unknown}, which it does not build")
+        # What each network trains, fixed now (after freeze_d): the phases toggle exactly these parameters.
+        self._trainable = {n: [p for p in self.net(n).parameters() if p.requires_grad] for n in self.net_names}
+        self.sync = build_sync(cfg)
+        self.z_dim: int = int(self.G.z_dim)
 
         self.cur_nimg = 0  # images shown, summed over ranks
-        self.step_idx = 0  # training steps taken (drives the lazy-regularization schedule)
+        self.step_idx = 0  # training steps taken, one real batch each (drives the phase schedule)
+        self.ema_nimg = 0  # images shown when G_ema last followed G
         self._pending_optimizer_states: list[dict[str, Any]] | None = None
         self._pending_rng: dict[str, Any] | None = None
         self._rng_ready = False  # this rank's RNG stream is set up (restored or seeded) before the first step
-        self._buffer_sync: BufferSync | None = None  # with several ranks: keeps running statistics equal
+        self._batch_gpu: int | None = None  # checked once per fit (the world size is known then)
         self.preempted = False  # set when a preemption signal stopped training (pipeline.train.preemption)
         self._tick_time = time.perf_counter()
         self._tick_nimg = 0
         # Set by the data module: follows the stream's position and bad-data counters through consumed batches.
         self.data_monitor: StreamMonitor | None = None
         self.resume_data_state: dict[str, Any] | None = None  # the checkpoint's `data` entry, for the data module
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Networks
+
+    def net(self, name: str) -> nn.Module:
+        """A trained network by name: G, D or one of the family's extras."""
+        if name == "G":
+            return self.G
+        if name == "D":
+            return self.D
+        return self.extra[name]
+
+    def trained_modules(self) -> list[nn.Module]:
+        return [self.net(n) for n in self.net_names]
+
+    def networks(self) -> Networks:
+        return Networks(self.G, self.D, dict(self.extra.items()), self.frozen)
+
+    def sampler(self) -> Sampler:
+        """G_ema's sampler (sample grids, evaluation), with the task's conditioning (its encoder on the device)."""
+        return self.family.make_sampler(self.G_ema, self.conditioning)
 
     # ------------------------------------------------------------------------------------------------------------
     # Setup
@@ -91,27 +126,23 @@ class GANTask(L.LightningModule):
     def batch_per_rank(self) -> int:
         return self.cfg.data.batch_size // self.world_size
 
+    def on_fit_start(self) -> None:
+        for module in self.frozen.values():  # the strategy has moved the submodules to the device by now
+            module.to(self.device)
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        o = self.cfg.optim
-        optimizers = []
-        for net, module, lr in (("G", self.G, o.g_lr), ("D", self.D, o.d_lr)):
-            lr, betas = lazy_adam_hparams(lr, tuple(o.betas), self.objective.reg_interval(net))
-            params = [p for p in module.parameters() if p.requires_grad]  # frozen D layers (freeze_d) never step
-            optimizers.append(torch.optim.Adam(params, lr=lr, betas=betas, eps=o.eps))
-        return optimizers
+        return self.sync.optimizers(self)
 
     def on_train_start(self) -> None:
         if self._pending_optimizer_states is not None:
             # The trainer's own optimizers, not the LightningOptimizer wrappers: loading into a wrapper would
             # replace its copy of the state and leave the real optimizer's untouched.
-            for opt, state in zip(self.trainer.optimizers, self._pending_optimizer_states, strict=True):
-                opt.load_state_dict(state)
+            self.sync.load_optimizer_state(self.trainer.optimizers, self._pending_optimizer_states)
             self._pending_optimizer_states = None
         if self.world_size > 1:
             self._check_ranks_agree()
-            # The strategy has broadcast rank 0's weights and buffers; from here each step averages what changed.
-            self._buffer_sync = BufferSync([self.G, self.D, self.objective])
-            self._buffer_sync.mark()
+        self.sync.setup(self)
+        self._batch_gpu = self._check_batch_gpu()
         self._tick_time, self._tick_nimg = time.perf_counter(), self.cur_nimg
 
     def _check_ranks_agree(self) -> None:
@@ -124,8 +155,7 @@ class GANTask(L.LightningModule):
                 "check that every node sees the same run_dir"
             )
 
-    @property
-    def batch_gpu(self) -> int:
+    def _check_batch_gpu(self) -> int:
         """Images per forward/backward pass on this rank (`train.batch_gpu`, default the whole per-rank batch)."""
         per_rank = self.batch_per_rank
         batch_gpu = self.cfg.train.batch_gpu or per_rank
@@ -143,14 +173,11 @@ class GANTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
     # Training step
 
-    def labels_to_c(self, labels: Tensor) -> Tensor | None:
-        return F.one_hot(labels.long(), self.c_dim).float() if self.c_dim > 0 else None
-
-    def draw_latents(self, phase: Phase, n: int, real_c: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Latents (and shuffled real labels) for `phase`'s fakes on this rank's `n` images."""
+    def draw_latents(self, phase: Phase, n: int, real_c: Cond) -> tuple[Tensor, Cond]:
+        """Latents and conditioning of `phase`'s fakes on this rank's `n` images. `phase` lets a subclass pin
+        latents per phase (the two-rank equivalence test does)."""
         gen_z = torch.randn([n, self.z_dim], device=self.device)
-        gen_c = real_c[torch.randperm(n, device=self.device)] if real_c is not None else None
-        return gen_z, gen_c
+        return gen_z, self.conditioning.for_fakes(real_c)
 
     def _setup_rng(self) -> None:
         """Before the first step: restore this rank's saved RNG state, or give each rank its own stream.
@@ -172,60 +199,56 @@ class GANTask(L.LightningModule):
             torch.manual_seed(rank_seed(self.cfg.seed + self.cur_nimg, rank))
         self._rng_ready = True
 
+    def _train_only(self, names: tuple[str, ...]) -> None:
+        """Only the parameters of networks `names` take gradients (the others still pass gradients through)."""
+        for name, params in self._trainable.items():
+            on = name in names
+            for p in params:
+                p.requires_grad_(on)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self._rng_ready:
             self._setup_rng()
-
         if self.data_monitor is not None and "stream" in batch:
             self.data_monitor.update(batch["stream"])
         real_img = batch["image"].to(torch.float32) / 127.5 - 1  # uint8 travels to the GPU; convert there
-        real_c = self.labels_to_c(batch["label"])
+        real_c = self.conditioning.from_batch(batch, self.device)
         n = real_img.shape[0]
-        opt_g, opt_d = self._optimizers()
+        optimizers = dict(zip(self.net_names, self._optimizers(), strict=True))
+        chunk = self._batch_gpu or n
         stats: dict[str, Tensor] = {}
+        g_stepped = False
 
-        chunk = self.batch_gpu
         for phase in self.phases:
-            if self.step_idx % phase.interval != 0:
+            if not phase.runs_at(self.step_idx):
                 continue
             gen_z, gen_c = self.draw_latents(phase, n, real_c)
-            opt = opt_g if phase.net == "G" else opt_d
-            self.toggle_optimizer(opt)
-            opt.zero_grad(set_to_none=True)
+            opts = [optimizers[name] for name in phase.nets]
+            self._train_only(phase.nets)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             # Gradient accumulation over rounds of `batch_gpu` images: each round's mean loss is weighted by its
             # share of the rank's batch, so the summed gradient is that of the whole batch's mean loss.
             for start in range(0, n, chunk):
                 sl = slice(start, start + chunk)
                 inputs = PhaseInputs(
-                    real_img[sl],
-                    real_c[sl] if real_c is not None else None,
-                    gen_z[sl],
-                    gen_c[sl] if gen_c is not None else None,
-                    self.augment,
-                )
-                loss, phase_stats = self.objective.phase_loss(phase, self.G, self.D, inputs)
-                self.manual_backward(loss * (chunk / n) if chunk < n else loss)
+                    real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), self.augment,
+                    cur_nimg=self.cur_nimg, step=self.step_idx,
+                )  # fmt: skip
+                loss, phase_stats = self.objective.phase_loss(phase, self.networks(), inputs)
+                self.sync.backward(self, loss * (chunk / n) if chunk < n else loss)
                 for name, value in phase_stats.items():
                     weighted = value.detach() * (chunk / n)
                     stats[name] = stats[name] + weighted if name in stats and start > 0 else weighted
-            params = list((self.G if phase.net == "G" else self.D).parameters())
-            # Once per phase, after its last backward (R1's double backward included): average over ranks.
-            all_reduce_gradients(params)
-            for p in params:
-                if p.grad is not None:
-                    # One bad batch must not poison Adam's moments (StyleGAN2-ADA does the same).
-                    torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-            opt.step()
-            self.untoggle_optimizer(opt)
+            self.sync.step(self, phase.nets, opts)
+            g_stepped = g_stepped or "G" in phase.nets
+        self._train_only(tuple(self.net_names))
 
-        if self._buffer_sync is not None:
-            self._buffer_sync.sync()  # before the EMA, which copies G's buffers into G_ema
-
+        self.sync.end_step(self)  # before the EMA, which copies G's buffers into G_ema
         global_batch = n * self.world_size
-        t = self.cfg.train
-        ema_kimg = t.ema_kimg if t.ema_kimg is not None else self.cfg.data.batch_size * 10 / 32
-        update_ema(self.G_ema, self.G, ema_beta(global_batch, ema_kimg, t.ema_rampup, self.cur_nimg))
         self.cur_nimg += global_batch
+        if g_stepped:
+            self._update_ema()
         if self.augment is not None:
             reduce = None
             if self.world_size > 1:  # every rank calls this each step, so the all-reduces match
@@ -234,6 +257,14 @@ class GANTask(L.LightningModule):
             stats.update(self.augment.log_values())
         self.step_idx += 1
         self._log_step(stats)
+
+    def _update_ema(self) -> None:
+        """G_ema follows G over the images shown since it last did (one step's batch when G trains every step)."""
+        t = self.cfg.train
+        ema_kimg = t.ema_kimg if t.ema_kimg is not None else self.cfg.data.batch_size * 10 / 32
+        nimg = self.cur_nimg - self.ema_nimg
+        update_ema(self.G_ema, self.G, ema_beta(nimg, ema_kimg, t.ema_rampup, self.ema_nimg))
+        self.ema_nimg = self.cur_nimg
 
     def _log_step(self, stats: dict[str, Tensor]) -> None:
         kimg = self.cur_nimg / 1000
@@ -274,18 +305,24 @@ class GANTask(L.LightningModule):
     # ------------------------------------------------------------------------------------------------------------
     # Exact resume
 
+    def network_states(self) -> Iterator[tuple[str, dict[str, Tensor]]]:
+        yield "G", self.G.state_dict()
+        yield "D", self.D.state_dict()
+        yield "G_ema", self.G_ema.state_dict()
+        for name, module in self.extra.items():
+            yield name, module.state_dict()
+
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint holds (tensors and builtins only)."""
         return {
             "family": self.cfg.family,
             "config": self.cfg.to_dict(),
-            "G": self.G.state_dict(),
-            "D": self.D.state_dict(),
-            "G_ema": self.G_ema.state_dict(),
+            **dict(self.network_states()),
+            "extra_networks": list(self.extra.keys()),
             "objective": self.objective.state_dict(),
             "augment": self.augment.state_dict() if self.augment is not None else None,
-            "optimizers": [opt.state_dict() for opt in self.trainer.optimizers],
-            "counters": {"cur_nimg": self.cur_nimg, "step_idx": self.step_idx},
+            "optimizers": self.sync.optimizer_state(self.trainer.optimizers),
+            "counters": {"cur_nimg": self.cur_nimg, "step_idx": self.step_idx, "ema_nimg": self.ema_nimg},
             "data": {"samples_seen": self.cur_nimg, "seed": self.cfg.seed, **self._data_state()},
             "rng": self._rng_state(),
         }
@@ -305,38 +342,30 @@ class GANTask(L.LightningModule):
         """Rank 0's RNG state (as a single process stores it) plus, with several ranks, every rank's under `ranks`."""
         state = get_rng_state()
         if self.world_size > 1:  # every rank calls training_state (see KimgCheckpoint.save)
-            import torch.distributed as dist
-
             ranks: list[Any] = [None] * self.world_size
             dist.all_gather_object(ranks, state)
             state = {**ranks[0], "ranks": ranks}
         return state
 
     def load_training_state(self, state: dict[str, Any]) -> None:
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.G_ema.load_state_dict(state["G_ema"])
+        saved_extra = state.get("extra_networks", [])
+        if list(saved_extra) != list(self.extra.keys()):
+            raise CheckpointError(
+                f"the checkpoint trains the extra networks {list(saved_extra)} but this config builds "
+                f"{list(self.extra.keys())}: resume with the model section it was trained with"
+            )
+        for name, module in (("G", self.G), ("D", self.D), ("G_ema", self.G_ema), *self.extra.items()):
+            module.load_state_dict(state[name])
         self.objective.load_state_dict(state["objective"])
         if self.augment is not None and state.get("augment") is not None:
             self.augment.load_state_dict(state["augment"])
-        self.cur_nimg = int(state["counters"]["cur_nimg"])
-        self.step_idx = int(state["counters"]["step_idx"])
+        counters = state["counters"]
+        self.cur_nimg = int(counters["cur_nimg"])
+        self.step_idx = int(counters["step_idx"])
+        self.ema_nimg = int(counters.get("ema_nimg", self.cur_nimg))  # older checkpoints: G_ema followed every step
         self._pending_optimizer_states = state["optimizers"]
         self._pending_rng = state["rng"]
         self.resume_data_state = state.get("data")
-
-
-def freeze_discriminator(D: torch.nn.Module, num_layers: int) -> None:
-    """Stop training D's first `num_layers` layers (`freeze_d`, NVIDIA's --freezed): they keep their weights
-    (e.g. from `init=`), pass gradients through to G and to R1's inputs, and are left out of D's optimizer."""
-    order = getattr(D, "freeze_order", None)
-    if order is None:
-        raise ConfigError(f"freeze_d={num_layers} is invalid: this family's discriminator has no layer order")
-    layers = order()
-    if num_layers > len(layers):
-        raise ConfigError(f"freeze_d={num_layers} is invalid: this discriminator has {len(layers)} block layers")
-    for layer in layers[:num_layers]:
-        layer.requires_grad_(False)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -356,6 +385,6 @@ def peak_memory_gb(device: torch.device) -> float:
     """Peak accelerator memory allocated, or this process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    import resource  # POSIX-only, so imported where it is needed
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

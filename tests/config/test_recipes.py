@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from pipeline.config import load_config
-from pipeline.config_auto import nvlabs_auto
 from pipeline.errors import ConfigError
+from pipeline.families.stylegan2 import nvlabs_auto
 from tests.conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))

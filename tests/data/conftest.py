@@ -1,14 +1,13 @@
-"""Fixtures for the data tests: small shard datasets, a moto S3 server and an http server on 127.0.0.1.
+"""Fixtures for the data tests: small shard datasets and an http server on 127.0.0.1 (the moto S3 server is in
+tests/conftest.py, shared with the training tests).
 
-Both servers bind free ports on loopback, live for the test session, and are stopped at its end.
+The server binds a free port on loopback, lives for the test session, and is stopped at its end.
 """
 
 from __future__ import annotations
 
 import functools
 import http.server
-import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,55 +17,7 @@ from typing import ClassVar
 import pytest
 
 from pipeline.data import write_synthetic_dataset
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server; AWS_* variables point botocore/s3fs (and loader workers, which inherit them) at it."""
-    pytest.importorskip("moto.server")
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": url,
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3fs.S3FileSystem.clear_instance_cache()
-    try:
-        yield url
-    finally:
-        server.stop()
-        s3fs.S3FileSystem.clear_instance_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint: str, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket per test: s3://NAME."""
-    import s3fs
-
-    name = "ganpipe-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{time.monotonic_ns() % 10**6}"
-    fs = s3fs.S3FileSystem()
-    fs.mkdir(name)
-    return f"s3://{name}"
+from tests.conftest import free_port
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -88,7 +39,7 @@ def http_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, P
     hang: set[str] = set()
     handler = type("Handler", (_Handler,), {"hang": hang})
     server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", _free_port()), functools.partial(handler, directory=str(root))
+        ("127.0.0.1", free_port()), functools.partial(handler, directory=str(root))
     )
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)

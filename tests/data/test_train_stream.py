@@ -46,7 +46,7 @@ def test_resume_with_two_workers_is_exact(make_config, tmp_path: Path) -> None:
     train(first)
     second = make_config(*common, f"run_dir={tmp_path / 'split'}", "train.total_kimg=0.056")
     resumed = load_checkpoint(train(second, resume="auto").checkpoint)
-    assert resumed["counters"] == expected["counters"] == {"cur_nimg": 56, "step_idx": 7}
+    assert resumed["counters"] == expected["counters"] == {"cur_nimg": 56, "step_idx": 7, "ema_nimg": 56}
     assert resumed["data"]["stream"] == expected["data"]["stream"]
     assert len(expected["data"]["stream"]["positions"]) == 2 and _loader_workers() == []
     _assert_same_weights(expected, resumed)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.export import load_generator, load_networks
-from pipeline.export.nvlabs import ConvertError, convert_nvlabs, convert_to_export, read_nvlabs_pickle
+from pipeline.errors import ExportError
+from pipeline.export import convert, load_generator, open_networks
+from pipeline.export.converters.nvlabs import ConvertError, convert_nvlabs, read_nvlabs_pickle
 from tests.export.nvlabs_pickle import Persistent, fixture_snapshot, nvlabs_modules
 
 
@@ -20,8 +21,9 @@ from tests.export.nvlabs_pickle import Persistent, fixture_snapshot, nvlabs_modu
 def test_converted_networks_reproduce_nvlabs_outputs(tag: str, tmp_path: Path) -> None:
     pkl, expected = fixture_snapshot(tag, tmp_path)
     out = tmp_path / "converted"
-    meta, _ = convert_to_export(str(pkl), str(out), with_discriminator=True)
-    assert meta.networks == ["G_ema", "D", "G"] and meta.resolution == 16 and meta.c_dim == 3
+    meta, _ = convert("nvlabs", str(pkl), str(out), with_discriminator=True)
+    assert meta.networks == ["G_ema", "D", "G"] and meta.resolution == 16
+    assert meta.conditioning == {"kind": "class", "num_classes": 3, "encoding": "onehot"}
     assert meta.model["mapping"]["num_layers"] == 2 and meta.model["synthesis"]["conv_clamp"] == 256
     assert meta.model["synthesis"]["architecture"] == tag.split("_")[0]
     assert meta.model["discriminator"]["architecture"] == tag.split("_")[1]
@@ -38,10 +40,10 @@ def test_converted_networks_reproduce_nvlabs_outputs(tag: str, tmp_path: Path) -
         for psi in ("1", "0.7"):
             ours = G(z, c, truncation_psi=float(psi), noise_mode="const")
             torch.testing.assert_close(ours, expected[f"G_out_psi{psi}"], rtol=1e-4, atol=1e-5)
-    _, nets = load_networks(str(out))
+    nets = open_networks(str(out), training=True)
     with torch.no_grad():
-        torch.testing.assert_close(nets["D"].eval()(expected["real"], c), expected["D_out"], rtol=1e-4, atol=1e-5)
-    g_bias = nets["G"].state_dict()["mapping.fc0.bias"]
+        torch.testing.assert_close(nets.build("D").eval()(expected["real"], c), expected["D_out"], rtol=1e-4, atol=1e-5)
+    g_bias = nets.build("G").state_dict()["mapping.fc0.bias"]
     torch.testing.assert_close(g_bias, expected["G/mapping.fc0.bias"] + 0.5)
 
 
@@ -50,7 +52,7 @@ def test_protocol_3_snapshot_and_generator_only(tmp_path: Path) -> None:
     is written."""
     pkl, expected = fixture_snapshot("skip_resnet", tmp_path, protocol=3)
     out = tmp_path / "g_only"
-    meta, _ = convert_to_export(str(pkl), str(out))
+    meta, _ = convert("nvlabs", str(pkl), str(out))
     assert meta.networks == ["G_ema"] and meta.kimg == 120.0
     assert sorted(p.name for p in out.iterdir()) == ["generator.json", "generator.safetensors"]
     with torch.no_grad():
@@ -130,6 +132,8 @@ def test_unsupported_snapshots_are_named(tmp_path: Path) -> None:
 
     pkl, _ = fixture_snapshot("orig_orig", tmp_path, drop=("D",))
     with pytest.raises(ConvertError, match="has no discriminator 'D'"):
-        convert_to_export(str(pkl), str(tmp_path / "no_d"), with_discriminator=True)
-    meta, notes = convert_to_export(str(pkl), str(tmp_path / "no_d"))
+        convert_nvlabs(str(pkl), discriminator="required")
+    with pytest.raises(ExportError, match="no discriminator to convert .*has no discriminator 'D'"):
+        convert("nvlabs", str(pkl), str(tmp_path / "no_d"), with_discriminator=True)
+    meta, notes = convert("nvlabs", str(pkl), str(tmp_path / "no_d"))
     assert meta.networks == ["G_ema"] and any("D not converted" in n for n in notes)

@@ -62,9 +62,16 @@ def _wait_checkpoint(env: dict[str, str], job: str, run_dir: Path, nimg: int) ->
     _wait(env, job, reached)
 
 
+def _node_idle(env: dict[str, str]) -> bool:
+    out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout.split()
+    return bool(out) and all(state == "idle" for state in out)
+
+
 def _restart_now(env: dict[str, str], job: str) -> None:
-    """A requeued job waits ~2 minutes (BeginTime) before it may start again; tests do not wait for that."""
-    _wait(env, job, lambda: _state(env, job).startswith("PENDING"))
+    """A requeued job waits ~2 minutes (BeginTime) before it may start again; tests do not wait for that. They do
+    wait for the node to have finished the job's previous run: started while the node still cleans it up, Slurm
+    kills the job ("Job credential revoked"), which is what the BeginTime delay prevents on a real cluster."""
+    _wait(env, job, lambda: _state(env, job).startswith("PENDING") and _node_idle(env))
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, check=True)
 
 

@@ -49,7 +49,7 @@ def test_launch_keys_come_from_the_profile_and_validate(tmp_path) -> None:
 def test_bad_profile_is_one_line(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("partitionn: gpu\n")
-    with pytest.raises(ConfigError, match="unknown config key .profile.partitionn.; did you mean partition"):
+    with pytest.raises(ConfigError, match="unknown config key .profile.partitionn.; did you mean profile.partition"):
         prepare(SubmitRequest(TINY_RECIPE, str(bad), []))
     bad.write_text("time: soon\n")
     with pytest.raises(ConfigError, match="profile.time='soon' is invalid"):

@@ -46,7 +46,8 @@ def test_eval_stats_then_eval_a_run_dir_with_inception(make_config, tmp_path, ca
     record = json.loads(capsys.readouterr().out)
     assert set(record["results"]) == {"fid4", "kid4", "kid4_std", "is4", "is4_std"}
     assert all(math.isfinite(v) for v in record["results"].values()) and record["kimg"] == 0.008
-    assert record["results"]["is4"] >= 1.0
+    # IS = exp(E[KL]) >= 1 only up to rounding: the mean of near-zero KLs can come out as -1e-16 on some CPUs.
+    assert record["results"]["is4"] >= 1.0 - 1e-9
     assert len(glob.glob(f"{cache}/refs/*.npz")) == 1  # the reals of `eval stats` were reused, not recomputed
 
     with open(jsonl) as fh:

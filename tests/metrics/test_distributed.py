@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pipeline.config import config_from_dict
+from pipeline.families import get_family
 from pipeline.metrics import EvalConfig, Evaluator, SmallExtractor, generated_features, real_features
-from pipeline.models import get_family
 
 METRICS = ["fid24_full", "fid20", "kid24_full", "pr24_full"]
 
@@ -26,14 +26,16 @@ def _free_port() -> int:
 
 def _compute(shards: str, cache: str, cfg_dict: dict[str, Any], g_state: dict[str, torch.Tensor]) -> dict[str, Any]:
     cfg = config_from_dict(cfg_dict)
-    G = get_family(cfg.family).build_generator(cfg.model, cfg.data.resolution)
+    family = get_family(cfg.family)
+    spec = family.spec(cfg.model, cfg.data.resolution)
+    G = family.build_generator(spec)
     G.load_state_dict(g_state)
-    G.eval().requires_grad_(False)
+    sampler = family.make_sampler(G.eval().requires_grad_(False), family.build_conditioning(spec))
     ext = SmallExtractor()
     ev = Evaluator(EvalConfig(metrics=METRICS, extractor="small", batch_size=5, cache_url=cache), shards, 16, cache)
     return {
-        "metrics": ev.evaluate(G, cfg.model.z_dim, cfg.model.c_dim),
-        "gen": generated_features(G, ext, 24, z_dim=cfg.model.z_dim, batch_size=4).features,
+        "metrics": ev.evaluate(sampler),
+        "gen": generated_features(sampler, ext, 24, batch_size=4).features,
         "real": real_features(shards, ext, resolution=16, batch_size=6, num_real=30, keep_features=True).features,
         "real_full_sum": real_features(shards, ext, resolution=16, batch_size=6).stats.sum,
     }
@@ -54,7 +56,8 @@ def _worker(rank: int, world: int, port: int, args: tuple, out: str) -> None:
 def test_two_gloo_ranks_equal_one_process(make_config, shards, tmp_path: Path) -> None:
     cfg = make_config()
     torch.manual_seed(0)
-    G = get_family(cfg.family).build_generator(cfg.model, cfg.data.resolution)
+    family = get_family(cfg.family)
+    G = family.build_generator(family.spec(cfg.model, cfg.data.resolution))
     args = (shards, str(tmp_path / "cache-dist"), cfg.to_dict(), G.state_dict())
     out = str(tmp_path / "dist.pt")
     mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2, join=True)

@@ -22,7 +22,7 @@ from pipeline.models.stylegan2 import (
     SynthesisConfig,
     fp16_resolution,
 )
-from pipeline.objectives import Phase, PhaseInputs, StyleGAN2LossConfig, StyleGAN2Objective
+from pipeline.objectives import Networks, Phase, PhaseInputs, StyleGAN2LossConfig, StyleGAN2Objective
 from tests.conftest import TINY_RECIPE
 
 RES = 64
@@ -96,7 +96,7 @@ def _phase_grads(obj, phase, G, D, inputs, seed, autocast: bool = False):
     net.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, stats = obj.phase_loss(phase, G, D, inputs)
+        loss, stats = obj.phase_loss(phase, Networks(G, D), inputs)
     loss.backward()
     return loss.detach(), stats, _flat_grads(net)
 

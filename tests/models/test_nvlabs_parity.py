@@ -3,6 +3,8 @@
 The fixture holds tensors only: weights of small networks built by NVIDIA's public StyleGAN2-ADA code
 (`training/networks.py`, run outside this project on the CPU reference ops, eval mode) with the inputs and the
 outputs it produced. Loading them with `strict=True` proves the naming; comparing outputs proves the math.
+tools/fixtures/make_nvlabs_stylegan2_fixture.py makes the fixture from a checkout of NVIDIA's repository, importing
+its code from there at run time (see that script's docstring for the command line).
 """
 
 from __future__ import annotations

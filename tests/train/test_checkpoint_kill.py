@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.checkpoint import find_latest_checkpoint, read_record
 from pipeline.train import list_checkpoints, load_checkpoint, train
-from pipeline.train.checkpoint import find_latest_checkpoint, read_record
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_RECIPE
 
 # Kill on the K-th checkpoint write of a run (K=1 also covers "no checkpoint yet": --resume auto starts fresh).

@@ -8,10 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data import read_manifest, write_synthetic_dataset
 from pipeline.errors import ConfigError
 from pipeline.train import list_checkpoints, load_checkpoint, train
 from pipeline.train.ema import ema_beta
-from pipeline.train.task import lazy_adam_hparams
+from pipeline.train.run import dataset_url
+from pipeline.train.strategy import lazy_adam_hparams
 
 
 def test_short_run_leaves_checkpoint_samples_and_logs(make_config) -> None:
@@ -19,7 +21,7 @@ def test_short_run_leaves_checkpoint_samples_and_logs(make_config) -> None:
     result = train(cfg)
     assert result.kimg == 0.032
     ckpt = load_checkpoint(result.checkpoint)  # weights_only=True inside
-    assert ckpt["counters"] == {"cur_nimg": 32, "step_idx": 4}
+    assert ckpt["counters"] == {"cur_nimg": 32, "step_idx": 4, "ema_nimg": 32}
     assert ckpt["config"]["data"]["batch_size"] == 8
     assert set(ckpt) >= {"G", "D", "G_ema", "optimizers", "objective", "rng", "data", "config"}
     fakes = sorted(glob.glob(f"{cfg.run_dir}/samples/fakes*.png"))
@@ -36,18 +38,23 @@ def test_short_run_leaves_checkpoint_samples_and_logs(make_config) -> None:
 
 def test_bf16_mixed_trains_with_finite_losses(make_config) -> None:
     cfg = make_config(
-        "train.total_kimg=0.024", "train.precision=bf16-mixed", "loss.pl_weight=2", "loss.g_reg_interval=1"
-    )
+        "train.total_kimg=0.024", "train.precision=bf16-mixed", "loss.pl_weight=2", "loss.g_reg_interval=1",
+        "loss.d_reg_interval=1", "logger.csv=true", "train.log_every_kimg=0.008",
+    )  # fmt: skip
     result = train(cfg)
+    with open(f"{cfg.run_dir}/logs/metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3  # one row per step: every loss of every phase, each step
+    for name in ("Loss/G/loss", "Loss/D/loss", "Loss/pl_penalty", "Loss/r1_penalty", "Loss/scores/real"):
+        values = [float(r[name]) for r in rows]
+        assert len(values) == 3 and all(math.isfinite(v) for v in values), (name, values)
     state = load_checkpoint(result.checkpoint)
-    for value in state["G"].values():
-        assert torch.isfinite(value).all()
+    for net in ("G", "D", "G_ema"):
+        for key, value in state[net].items():
+            assert torch.isfinite(value).all(), f"{net}.{key}"
 
 
 def test_conditional_training_and_c_dim_mismatch(make_config) -> None:
-    from pipeline.data import read_manifest
-    from pipeline.train.run import dataset_url
-
     probe = make_config()
     num_classes = read_manifest(dataset_url(probe)).num_classes
     cfg = make_config("train.total_kimg=0.016", f"model.c_dim={num_classes}")
@@ -58,8 +65,6 @@ def test_conditional_training_and_c_dim_mismatch(make_config) -> None:
 
 
 def test_resolution_mismatch_with_dataset_is_a_config_error(make_config, tmp_path) -> None:
-    from pipeline.data import write_synthetic_dataset
-
     write_synthetic_dataset(str(tmp_path / "shards32"), n=16, resolution=32, seed=0)
     with pytest.raises(ConfigError, match="data.resolution=16"):
         train(make_config(f"data.url={tmp_path / 'shards32'}"))

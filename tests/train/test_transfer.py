@@ -10,10 +10,10 @@ import torch
 
 from pipeline.config import config_from_dict
 from pipeline.errors import ConfigError
-from pipeline.export.init import apply_init_weights, check_init_fits, read_init_weights
-from pipeline.export.nvlabs import convert_to_export
-from pipeline.models import get_family
+from pipeline.export import convert, open_networks
+from pipeline.families import get_family
 from pipeline.train import list_checkpoints, load_checkpoint, train
+from pipeline.train.transfer import apply_init_weights, check_init_fits
 from tests.export.nvlabs_pickle import fixture_snapshot
 
 
@@ -31,7 +31,7 @@ def test_init_from_a_run_with_frozen_d_layers(make_config, tmp_path: Path) -> No
     assert not torch.equal(after["D"]["b8.conv0.weight"], before["D"]["b8.conv0.weight"])  # trained from init...
     assert (after["D"]["b8.conv0.weight"] - before["D"]["b8.conv0.weight"]).abs().max() < 0.1  # ...not from scratch
     assert (after["G"]["mapping.fc0.weight"] - before["G"]["mapping.fc0.weight"]).abs().max() < 0.5
-    D = get_family("stylegan2").build_discriminator(cfg.model, 16)
+    D = get_family("stylegan2").build("D", get_family("stylegan2").spec(cfg.model, 16))
     trainable = [n for n, _ in D.named_parameters() if not n.startswith("b16.")]
     assert len(after["optimizers"][1]["param_groups"][0]["params"]) == len(trainable)  # frozen layers left out
 
@@ -41,25 +41,27 @@ def test_init_from_a_run_with_frozen_d_layers(make_config, tmp_path: Path) -> No
 
 def test_init_from_nvlabs_pickle_and_converted_folder(tmp_path: Path) -> None:
     pkl, _ = fixture_snapshot("skip_resnet", tmp_path)
-    convert_to_export(str(pkl), str(tmp_path / "conv"), with_discriminator=True)
+    convert("nvlabs", str(pkl), str(tmp_path / "conv"), with_discriminator=True)
     for source in (str(pkl), str(tmp_path / "conv")):
-        weights = read_init_weights(source)
-        assert sorted(weights.networks) == ["D", "G", "G_ema"] and weights.resolution == 16
+        weights = open_networks(source, training=True)
+        assert sorted(weights.states) == ["D", "G", "G_ema"] and weights.resolution == 16
         cfg = config_from_dict({"family": "stylegan2", "model": weights.model, "data": {"resolution": 16}})
         family = get_family("stylegan2")
-        G, G_ema = family.build_generator(cfg.model, 16), family.build_generator(cfg.model, 16)
-        D = family.build_discriminator(cfg.model, 16)
+        spec = family.spec(cfg.model, 16)
+        G, G_ema, D = family.build("G", spec), family.build("G_ema", spec), family.build("D", spec)
         model = cfg.to_dict()["model"]
         model["discriminator"]["mbstd_group_size"] = 2  # training-only keys may differ from the source
-        check_init_fits(weights, model, 16)
+        check_init_fits(weights, "stylegan2", model, 16)
         apply_init_weights(weights, G, G_ema, D)
-        assert torch.equal(G_ema.state_dict()["mapping.fc0.weight"], weights.networks["G_ema"]["mapping.fc0.weight"])
-        assert torch.equal(G.state_dict()["mapping.fc0.bias"], weights.networks["G"]["mapping.fc0.bias"])
+        assert torch.equal(G_ema.state_dict()["mapping.fc0.weight"], weights.states["G_ema"]["mapping.fc0.weight"])
+        assert torch.equal(G.state_dict()["mapping.fc0.bias"], weights.states["G"]["mapping.fc0.bias"])
         assert not torch.equal(G.state_dict()["mapping.fc0.bias"], G_ema.state_dict()["mapping.fc0.bias"])
-        assert torch.equal(D.state_dict()["b4.out.weight"], weights.networks["D"]["b4.out.weight"])
+        assert torch.equal(D.state_dict()["b4.out.weight"], weights.states["D"]["b4.out.weight"])
 
         model["synthesis"]["channel_base"] = 512
         with pytest.raises(ConfigError, match=r"model\.synthesis\.channel_base=256 but the recipe has 512"):
-            check_init_fits(weights, model, 16)
+            check_init_fits(weights, "stylegan2", model, 16)
         with pytest.raises(ConfigError, match=r"set data\.resolution=16"):
-            check_init_fits(weights, weights.model, 32)
+            check_init_fits(weights, "stylegan2", weights.model, 32)
+        with pytest.raises(ConfigError, match=r"holds a stylegan2 model but the recipe trains family=other"):
+            check_init_fits(weights, "other", weights.model, 16)

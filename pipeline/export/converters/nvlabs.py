@@ -13,9 +13,11 @@ Contract:
   dtypes and arrays, and NVIDIA's two names mapped to inert stand-ins (`PersistentObject`, `EasyDictStandIn`)
   that keep data and never execute `module_src`. Any other global stops the load with a `ConvertError` naming it.
 - `convert_nvlabs` maps the networks' hyperparameters to a `StyleGAN2Config`, rebuilds our G (and D) and loads
-  the tensors with strict key and shape checks, so a network that does not fit fails here with one line.
-- The result is written by `pipeline.export.write_export` (`generator.safetensors` = G_ema, plus
-  `discriminator.safetensors` and `generator_train.safetensors` = the non-EMA G when asked for).
+  the tensors with strict key and shape checks, so a network that does not fit fails here with one line. It
+  returns a `NetworkSource`, so `init=`, `ganpipe eval` and `ganpipe generate` take an NVIDIA snapshot directly.
+- Registered as the converter `nvlabs`: `ganpipe convert nvlabs SNAPSHOT.pkl --out DIR` writes an export folder
+  (`generator.safetensors` = G_ema, plus `discriminator.safetensors` and `generator_train.safetensors` = the non-EMA
+  G with `--discriminator`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import pickle
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import fsspec
@@ -35,10 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.config import config_from_dict, plain_builtins
 from pipeline.errors import ExportError, GanpipeError
-from pipeline.export import ExportedGenerator, write_export
-from pipeline.models import get_family
+from pipeline.export.sources import Converter, NetworkSource, register_converter
+from pipeline.families import get_family
+from pipeline.schema import plain_builtins, section_dict
 
 FAMILY = "stylegan2"
 
@@ -317,20 +319,6 @@ def discriminator_hparams(D: PersistentObject, g_model: dict[str, Any], resoluti
 # Conversion
 
 
-@dataclass
-class ConvertedNetworks:
-    """Networks in ganpipe's layout: `model` is the `model` config section, tensors are state dicts."""
-
-    model: dict[str, Any]
-    resolution: int
-    G_ema: dict[str, Tensor]
-    G: dict[str, Tensor] | None = None
-    D: dict[str, Tensor] | None = None
-    kimg: float = 0.0
-    source: str = ""
-    notes: list[str] = field(default_factory=list)
-
-
 def _load_strict(module: torch.nn.Module, tensors: dict[str, Tensor], what: str) -> dict[str, Tensor]:
     try:
         module.load_state_dict(tensors, strict=True)
@@ -340,9 +328,7 @@ def _load_strict(module: torch.nn.Module, tensors: dict[str, Tensor], what: str)
     return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
 
 
-def convert_nvlabs(
-    url: str, discriminator: Literal["required", "if_present", "skip"] = "if_present"
-) -> ConvertedNetworks:
+def convert_nvlabs(url: str, discriminator: Literal["required", "if_present", "skip"] = "if_present") -> NetworkSource:
     """Read an NVIDIA snapshot and return G_ema, and (unless `discriminator="skip"`) D and the non-EMA G, as ganpipe
     state dicts checked by a strict load. With "if_present", a snapshot whose D cannot be converted still gives
     G_ema (the reason is in `notes`); with "required" it is an error."""
@@ -362,60 +348,43 @@ def convert_nvlabs(
         # G alone is still usable; the D section only matters to `ganpipe train init=...`.
         notes.append(f"D not converted ({e}): generator.json records ganpipe's default discriminator section")
         D = None
+    family = get_family(FAMILY)
     try:
-        cfg = config_from_dict({"family": FAMILY, "model": model, "data": {"resolution": resolution}})
+        spec = family.spec(model, resolution)
     except GanpipeError as e:
         raise ConvertError(f"the network's hyperparameters are outside ganpipe's range ({e})") from None
-    family = get_family(FAMILY)
-    model = cfg.to_dict()["model"]  # normalised through the schema: the exact dict generator.json records
-    out = ConvertedNetworks(model=model, resolution=resolution, G_ema={}, source=url, notes=notes)
-    out.G_ema = _load_strict(family.build_generator(cfg.model, resolution), state_dict_of(G_ema), "G_ema")
+    states = {"G_ema": _load_strict(family.build("G_ema", spec), state_dict_of(G_ema), "G_ema")}
     if discriminator != "skip" and D is not None:
-        out.D = _load_strict(family.build_discriminator(cfg.model, resolution), state_dict_of(D), "D")
+        states["D"] = _load_strict(family.build("D", spec), state_dict_of(D), "D")
         G = snapshot.get("G")
         if isinstance(G, PersistentObject) and G is not G_ema:
-            out.G = _load_strict(family.build_generator(cfg.model, resolution), state_dict_of(G), "G")
+            states["G"] = _load_strict(family.build("G", spec), state_dict_of(G), "G")
     if num_fp16_res:
-        out.notes.append(f"NVIDIA ran the top {num_fp16_res} resolutions in float16; the converted weights are float32")
+        notes.append(f"NVIDIA ran the top {num_fp16_res} resolutions in float16; the converted weights are float32")
     m = re.search(r"network-snapshot-(\d+)\.pkl$", os.path.basename(url))
-    out.kimg = float(m.group(1)) if m else 0.0  # NVIDIA names snapshots by the kimg they were taken at
-    return out
+    kimg = float(m.group(1)) if m else 0.0  # NVIDIA names snapshots by the kimg they were taken at
+    # The model section normalised through the schema: the exact dict generator.json records.
+    return NetworkSource(url, FAMILY, section_dict(spec.model), resolution, states, kimg, notes=notes)
 
 
-def convert_to_export(url: str, out_dir: str, with_discriminator: bool = False) -> tuple[ExportedGenerator, list[str]]:
-    """`ganpipe convert nvlabs`: write G_ema (and with `with_discriminator`, D and the non-EMA G) to `out_dir`.
-
-    Returns what generator.json records and notes worth telling the user.
-    """
-    nets = convert_nvlabs(url, discriminator="required" if with_discriminator else "skip")
-    meta = ExportedGenerator(
-        family=FAMILY,
-        model=nets.model,
-        resolution=nets.resolution,
-        z_dim=nets.model["z_dim"],
-        c_dim=nets.model["c_dim"],
-        img_channels=nets.model["img_channels"],
-        kimg=nets.kimg,
-        source_checkpoint=url,
+NVLABS = register_converter(
+    Converter(
+        name="nvlabs",
+        help="NVIDIA StyleGAN2-ADA / StyleGAN3 (--cfg=stylegan2) network-snapshot .pkl (never executed)",
+        claims=lambda url: url.endswith(".pkl"),
+        read=lambda url, training: convert_nvlabs(url, discriminator="if_present" if training else "skip"),
     )
-    networks = {"G_ema": nets.G_ema}
-    if nets.D is not None:
-        networks["D"] = nets.D
-    if nets.G is not None:
-        networks["G"] = nets.G
-    write_export(out_dir, meta, networks)
-    return meta, nets.notes
+)
 
 
 __all__ = [
     "ALLOWED_GLOBALS",
+    "NVLABS",
     "ConvertError",
-    "ConvertedNetworks",
     "EasyDictStandIn",
     "PersistentObject",
     "RestrictedUnpickler",
     "convert_nvlabs",
-    "convert_to_export",
     "discriminator_hparams",
     "generator_hparams",
     "read_nvlabs_pickle",

@@ -1,16 +1,18 @@
 """Training checkpoints on any fsspec URL: atomic, verified writes, keep-last-k, newest-valid lookup for resume.
 
+A storage primitive below `pipeline.train`: training writes checkpoints, and export, metrics and `init=` read them
+without importing the engine.
+
 A checkpoint is a dict of tensors and builtins only (it loads with `torch.load(weights_only=True)`): the networks,
-both optimizers, the objective's state, counters, RNG states, data position and the resolved config.
+every optimizer, the objective's state, counters, RNG states, data position and the resolved config.
 
 Contract of a checkpoint folder (`RUN_DIR/checkpoints/`):
     `ckpt-NNNNNNNNNNNN.pt`       the checkpoint after NNN images (names sort in training order)
     `ckpt-NNNNNNNNNNNN.pt.json`  its record: `size` (bytes) and `sha256` of the file, `cur_nimg`, `time`
-    Both are published atomically: on a file system with rename (local disk, NFS, Lustre) they are written under a
-    hidden temporary name (`.NAME.tmp-PID`) in the same folder and renamed; on an object store (s3, gs, azure),
-    where a reader never sees a partly uploaded object, they are uploaded in one shot under the final name. The
-    record is published *before* the checkpoint, so every checkpoint under its real name has its record. After
-    writing, the checkpoint is read back and checked against the record; a mismatch is retried once, then raised.
+    Both are published by `pipeline.storage.publish_atomic` (a hidden temporary name and a rename on file
+    systems, one-shot uploads on object stores). The record is published *before* the checkpoint, so every
+    checkpoint under its real name has its record. After writing, the checkpoint is read back and checked against
+    the record; a mismatch is retried once, then raised.
 
     So a kill at any moment leaves, at worst, a stale temporary file (removed by `clean_stale_temporaries`) or a
     record without its checkpoint (ignored). On resume (`find_latest_checkpoint`), each candidate is checked
@@ -33,9 +35,9 @@ from typing import Any
 
 import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import CheckpointError
+from pipeline.storage import publish_atomic, remove_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,7 @@ FORMAT = "ganpipe-checkpoint"
 VERSION = 1
 RECORD_SUFFIX = ".json"
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
-_TMP = re.compile(r"^\..+\.tmp-\d+$")
-# Object stores publish an object only when its upload completes, so a one-shot upload is already atomic.
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
-_CHUNK = 8 << 20  # read-back and write granularity
+_CHUNK = 8 << 20  # read-back granularity
 
 
 def checkpoint_name(cur_nimg: int) -> str:
@@ -76,34 +75,6 @@ class CheckpointRecord:
         return cls(int(data["size"]), str(data["sha256"]), data.get("cur_nimg"), data.get("time"))
 
 
-def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
-    proto = fs.protocol
-    return set(proto) if isinstance(proto, (tuple, list)) else {proto}
-
-
-def publish_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes | memoryview) -> None:
-    """Make `data` appear at `path` all at once: temporary name + rename, or a one-shot object upload."""
-    if _protocols(fs) & _OBJECT_STORES:
-        fs.pipe_file(path, bytes(data))
-        return
-    parent = fs._parent(path)
-    tmp = f"{parent}/.{os.path.basename(path)}.tmp-{os.getpid()}"
-    try:
-        with fs.open(tmp, "wb") as fh:
-            view = memoryview(data)
-            for start in range(0, len(view), _CHUNK):
-                fh.write(view[start : start + _CHUNK])
-            if isinstance(fs, LocalFileSystem):
-                # Durable before it gets the real name: a crash of the machine must not leave a renamed empty file.
-                fh.flush()
-                os.fsync(fh.fileno())
-        fs.mv(tmp, path)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            fs.rm(tmp)
-        raise
-
-
 def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
     digest, size = hashlib.sha256(), 0
     with fs.open(path, "rb") as fh:
@@ -124,10 +95,9 @@ def save_checkpoint(state: dict[str, Any], url: str) -> CheckpointRecord:
     cur_nimg = state.get("counters", {}).get("cur_nimg")
     record = CheckpointRecord(len(data), hashlib.sha256(data).hexdigest(), cur_nimg, time.time())
     fs, path = fsspec.core.url_to_fs(url)
-    fs.makedirs(fs._parent(path), exist_ok=True)
-    publish_atomic(fs, path + RECORD_SUFFIX, record.to_json().encode())
+    publish_atomic(path + RECORD_SUFFIX, record.to_json().encode(), fs=fs)
     for attempt in (1, 2):
-        publish_atomic(fs, path, data)
+        publish_atomic(path, data, fs=fs)
         fs.invalidate_cache(fs._parent(path))
         written = _sha256_of(fs, path)
         if written == (record.size, record.sha256):
@@ -241,15 +211,9 @@ def prune_checkpoints(run_dir: str, keep_last: int) -> None:
 
 def clean_stale_temporaries(run_dir: str) -> list[str]:
     """Remove temporary files of checkpoint writes that were killed. Call only when no writer is running."""
-    fs, path, names = _names(run_dir)
-    removed = []
-    for name in names:
-        if _TMP.match(name):
-            with contextlib.suppress(FileNotFoundError):
-                fs.rm(f"{path}/{name}")
-            removed.append(name)
+    removed = remove_temporaries(checkpoint_dir(run_dir))
     if removed:
-        log.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(removed), path)
+        log.info("removed %d temporary file(s) of interrupted checkpoint writes in %s", len(removed), run_dir)
     return removed
 
 
@@ -264,3 +228,21 @@ def resolve_checkpoint(source: str) -> str:
     if not fs.exists(path):
         raise CheckpointError(f"{source!r} does not exist: pass a checkpoint file or a run dir")
     return source
+
+
+__all__ = [
+    "FORMAT",
+    "RECORD_SUFFIX",
+    "VERSION",
+    "CheckpointRecord",
+    "checkpoint_dir",
+    "checkpoint_name",
+    "clean_stale_temporaries",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "read_record",
+    "resolve_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,195 @@
+"""Samplers: how a family's generator turns seeds, conditioning and options into images.
+
+Everything that draws images from a generator goes through its family's sampler (`Family.sampler`): sample grids
+during training, metrics (`ganpipe eval`, the evaluation callback), `ganpipe generate` and exported generators.
+
+Contract of the base `Sampler` (any G with `z_dim` and `forward(z, c) -> images in [-1, 1]`):
+- Seed s names the latent z = `numpy.random.RandomState(s).randn(z_dim)`, as NVIDIA's generate.py does, so a seed
+  names the same latent in both code bases. `latents_from(generators)` draws z from torch generators instead
+  (training grids and metrics: image i's latent from its own generator).
+- `synthesize(z, c)`: images as training and metrics see them (no truncation; deterministic where the family
+  has a choice, e.g. StyleGAN's stored noise). Returned on G's device.
+- `generate(seeds, request, options)`: one image per seed for a user's `Request` (class, prompt), on the CPU.
+- `interpolation_frames(...)`: frames between consecutive seeds; the base interpolates z along great circles.
+- Options: each sampler class names its own `Options` dataclass (the base has none); every field carries, in its
+  metadata (`option(...)`), the `ganpipe generate` flag that sets it and its help, so the CLI offers a family's
+  options and no others. Passing options of another sampler is one `SamplingError` line.
+All functions run under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from pipeline.errors import SamplingError
+from pipeline.models.conditioning import Cond, Conditioning, Request
+
+
+@dataclass(frozen=True)
+class OptionDoc:
+    """How a sampler option appears on the command line (a field's `metadata["cli"]`)."""
+
+    flag: str
+    help: str
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def option(
+    default: Any, flag: str, help: str, choices: tuple[str, ...] | None = None, metavar: str | None = None
+) -> Any:
+    """A field of a sampler's `Options` dataclass with its command-line flag."""
+    return field(default=default, metadata={"cli": OptionDoc(flag, help, choices, metavar)})
+
+
+@dataclass(frozen=True)
+class SampleOptions:
+    """The base sampler's options: none. Samplers with options subclass it (`StyleGANSampler.Options`)."""
+
+
+def option_docs(options_cls: type[SampleOptions]) -> dict[str, OptionDoc]:
+    """Field name -> its command-line description, for every option of a sampler's `Options` class."""
+    return {f.name: f.metadata["cli"] for f in fields(options_cls)}
+
+
+def seed_latents(seeds: Sequence[int], z_dim: int) -> Tensor:
+    """z [N, z_dim] float32 on the CPU: row i is `numpy.random.RandomState(seeds[i]).randn(z_dim)`."""
+    return torch.from_numpy(np.stack([np.random.RandomState(s).randn(z_dim) for s in seeds])).float()
+
+
+def slerp(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Spherical interpolation between rows of a and b ([N, D]) at fractions t ([N]); linear when nearly parallel."""
+    a_n, b_n = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    omega = torch.acos((a_n * b_n).sum(dim=1).clamp(-1, 1))
+    so = torch.sin(omega)
+    t = t[:, None]
+    lerp = a + (b - a) * t
+    safe = so.clamp_min(1e-6)[:, None]
+    sl = torch.sin((1 - t) * omega[:, None]) / safe * a + torch.sin(t * omega[:, None]) / safe * b
+    return torch.where((so > 1e-6)[:, None], sl, lerp)
+
+
+def interpolation_schedule(num_seeds: int, frames_per_transition: int) -> tuple[Tensor, Tensor]:
+    """(segment, t) of every frame: `frames_per_transition` per consecutive pair of seeds, then the last seed's own
+    image, (num_seeds - 1) * F + 1 frames; frame k of a transition is at t = k / F."""
+    if num_seeds < 2:
+        raise SamplingError("--interpolate needs at least two seeds, e.g. 0,5,9")
+    if frames_per_transition < 1:
+        raise SamplingError(f"--frames {frames_per_transition} is invalid: give at least 1 frame per transition")
+    total = (num_seeds - 1) * frames_per_transition + 1
+    idx = torch.arange(total)
+    seg = (idx // frames_per_transition).clamp_max(num_seeds - 2)
+    t = (idx - seg * frames_per_transition).float() / frames_per_transition
+    return seg, t
+
+
+NO_REQUEST = Request()  # nothing asked beyond seeds (an unconditional generator)
+
+# A program draws the images of one request: (z [n, z_dim] on any device, index of z's first row) -> images.
+Program = Callable[[Tensor, int], Tensor]
+
+
+class Sampler:
+    """See the module docstring. Families with more to offer subclass it (`StyleGANSampler`)."""
+
+    Options: ClassVar[type[SampleOptions]] = SampleOptions
+    interpolation_spaces: ClassVar[tuple[str, ...]] = ("z",)
+    can_style_mix: ClassVar[bool] = False
+
+    def __init__(self, G: nn.Module, conditioning: Conditioning, family: str = "") -> None:
+        self.G, self.conditioning, self.family = G, conditioning, family
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.G.parameters()).device
+
+    @property
+    def z_dim(self) -> int:
+        return int(self.G.z_dim)
+
+    def resolve(self, options: SampleOptions | None) -> Any:
+        """`options` checked to be this sampler's (None: every option at its default)."""
+        if options is None:
+            return self.Options()
+        if not isinstance(options, self.Options):
+            which = f"{self.family} generators" if self.family else "this generator"
+            raise SamplingError(f"{which} take {self.Options.__qualname__}, not {type(options).__qualname__}")
+        return options
+
+    def latents(self, seeds: Sequence[int]) -> Tensor:
+        return seed_latents(seeds, self.z_dim)
+
+    def latents_from(self, generators: Sequence[torch.Generator]) -> Tensor:
+        """z [N, z_dim] on the CPU, row i drawn from generators[i]."""
+        if not generators:
+            return torch.zeros((0, self.z_dim))
+        return torch.stack([torch.randn([self.z_dim], generator=g) for g in generators])
+
+    @torch.no_grad()
+    def synthesize(self, z: Tensor, c: Cond) -> Tensor:
+        return self.G(z, c)
+
+    def program(self, request: Request, options: SampleOptions | None = None) -> Program:
+        """The images of `request` for any z; checks the request and the options before any work."""
+        self.resolve(options)
+        device = self.device
+        self.conditioning.from_request(1, request, device)
+
+        def run(z: Tensor, first: int) -> Tensor:
+            return self.synthesize(z.to(device), self.conditioning.from_request(z.shape[0], request, device))
+
+        return run
+
+    @torch.no_grad()
+    def generate(
+        self,
+        seeds: Sequence[int],
+        request: Request = NO_REQUEST,
+        options: SampleOptions | None = None,
+        batch_size: int = 16,
+    ) -> Tensor:
+        """Float images in [-1, 1], one per seed, [N, C, H, W] on the CPU."""
+        run = self.program(request, options)
+        z = self.latents(seeds)
+        return torch.cat([run(z[i : i + batch_size], i).cpu() for i in range(0, len(seeds), batch_size)])
+
+    @torch.no_grad()
+    def interpolation_frames(
+        self,
+        seeds: Sequence[int],
+        frames_per_transition: int,
+        space: str = "z",
+        request: Request = NO_REQUEST,
+        options: SampleOptions | None = None,
+        batch_size: int = 16,
+    ) -> Iterator[Tensor]:
+        """Batches of frames (CPU) from seed to seed; see `interpolation_schedule`."""
+        if space not in self.interpolation_spaces:
+            choices = ", ".join(self.interpolation_spaces)
+            raise SamplingError(f"--interp-space {space} is not available: choose {choices}")
+        seg, t = interpolation_schedule(len(seeds), frames_per_transition)
+        run = self.program(request, options)
+        z = self.latents(seeds)
+        for start in range(0, len(seg), batch_size):
+            s, tt = seg[start : start + batch_size], t[start : start + batch_size]
+            yield run(slerp(z[s], z[s + 1], tt), start).cpu()
+
+
+__all__ = [
+    "NO_REQUEST",
+    "OptionDoc",
+    "Program",
+    "SampleOptions",
+    "Sampler",
+    "interpolation_schedule",
+    "option",
+    "option_docs",
+    "seed_latents",
+    "slerp",
+]

@@ -1,0 +1,198 @@
+"""The sampler of style-based generators (StyleGAN2, StyleGAN3): truncation in W, noise modes, style mixing and
+interpolation in W.
+
+For any G with `mapping(z, c, truncation_psi=1) -> ws [N, num_ws, w_dim]` (tracking `mapping.w_avg`),
+`synthesis(ws, noise_mode=...)`, `num_ws` and `w_dim`:
+- Truncation: w' = center + psi * (w - center). The center is the tracked `w_avg`; for a class-conditional G given
+  a class it is, by default (`truncation_center="class"`), that class's average w, estimated by mapping
+  `class_avg_samples` seeded latents with the class, so truncated images stay in their class.
+- `noise_mode`: `const` (the noise buffers stored with the weights: the same image every run), `random` (fresh
+  noise drawn from `noise_seed`, so still reproducible) or `none` (no noise inputs).
+- Style mixing (NVIDIA's style_mixing.py): in a grid of row seeds x column seeds, each cell takes the styles
+  `col_styles` (w indices, coarse layers first) from its column seed and every other style from its row seed.
+- Interpolation moves linearly in W between consecutive seeds' truncated w (`space="w"`), or along the great
+  circle between their z before mapping (`space="z"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.errors import SamplingError
+from pipeline.models.conditioning import Cond, Request
+from pipeline.models.sampling import NO_REQUEST, Program, SampleOptions, Sampler, interpolation_schedule, option
+
+NOISE_MODES = ("const", "random", "none")
+TRUNCATION_CENTERS = ("class", "global")
+
+
+def truncate(ws: Tensor, center: Tensor, psi: float, cutoff: int | None = None) -> Tensor:
+    """ws [N, num_ws, w_dim] -> center + psi * (ws - center) in the first `cutoff` layers (all when None)."""
+    if psi == 1:
+        return ws
+    cutoff = ws.shape[1] if cutoff is None else cutoff
+    return torch.cat([center.lerp(ws[:, :cutoff], psi), ws[:, cutoff:]], dim=1)
+
+
+@dataclass(frozen=True)
+class StyleGANOptions(SampleOptions):
+    """What `ganpipe generate` can ask of a style-based generator (see the module docstring)."""
+
+    truncation_psi: float = option(
+        1.0, "--trunc", "truncation psi: 1 = none (default), 0 = the center itself", metavar="PSI"
+    )
+    truncation_center: str = option(
+        "class",
+        "--trunc-center",
+        "class-conditional models: truncate toward the class's average w (default) or the global w_avg",
+        TRUNCATION_CENTERS,
+    )
+    class_avg_samples: int = option(
+        10_000, "--class-avg-samples", "latents mapped to estimate a class's average w (default 10000)", metavar="N"
+    )
+    noise_mode: str = option(
+        "const",
+        "--noise-mode",
+        "const: the stored noise (default); random: fresh noise from --noise-seed; none: no noise",
+        NOISE_MODES,
+    )
+    noise_seed: int = option(
+        0, "--noise-seed", "seed of the noise with --noise-mode random (default 0)", metavar="SEED"
+    )
+
+    def __post_init__(self) -> None:
+        if self.noise_mode not in NOISE_MODES:
+            raise SamplingError(f"--noise-mode {self.noise_mode} is invalid: choose {', '.join(NOISE_MODES)}")
+        if self.truncation_center not in TRUNCATION_CENTERS:
+            raise SamplingError(f"--trunc-center {self.truncation_center} is invalid: choose class or global")
+        if self.class_avg_samples < 1:
+            raise SamplingError(f"--class-avg-samples {self.class_avg_samples} is invalid: give at least 1")
+
+
+class StyleGANSampler(Sampler):
+    Options: ClassVar[type[SampleOptions]] = StyleGANOptions
+    interpolation_spaces: ClassVar[tuple[str, ...]] = ("w", "z")
+    can_style_mix: ClassVar[bool] = True
+
+    @torch.no_grad()
+    def synthesize(self, z: Tensor, c: Cond) -> Tensor:
+        return self.G(z, c, noise_mode="const")
+
+    @torch.no_grad()
+    def synthesize_ws(self, ws: Tensor, noise_mode: str = "const", noise_seed: int = 0) -> Tensor:
+        """Images [N, C, H, W] (on G's device) for ws [N, num_ws, w_dim]; `random` noise comes from `noise_seed`."""
+        if noise_mode != "random":
+            return self.G.synthesis(ws, noise_mode=noise_mode)
+        device = ws.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(noise_seed)
+            return self.G.synthesis(ws, noise_mode="random")
+
+    @torch.no_grad()
+    def class_w_avg(self, request: Request, num_samples: int = 10_000, seed: int = 0, batch: int = 1024) -> Tensor:
+        """E[w | the request's class] from `num_samples` latents of `numpy.random.RandomState(seed)` ([w_dim])."""
+        rng, device = np.random.RandomState(seed), self.device
+        total = torch.zeros([self.G.w_dim], dtype=torch.float64, device=device)
+        for start in range(0, num_samples, batch):
+            n = min(batch, num_samples - start)
+            z = torch.from_numpy(rng.randn(n, self.z_dim)).float().to(device)
+            ws = self.G.mapping(z, self.conditioning.from_request(n, request, device), truncation_psi=1)
+            total += ws[:, 0].double().sum(dim=0)
+        return (total / num_samples).float()
+
+    def truncation_center(self, request: Request, options: StyleGANOptions) -> Tensor:
+        """The w that truncation pulls toward: the class average for a conditional G given a class, else w_avg."""
+        if options.truncation_center == "class" and request.class_idx is not None:
+            return self.class_w_avg(request, options.class_avg_samples)
+        return self.G.mapping.w_avg
+
+    def mapper(self, request: Request, options: SampleOptions | None = None) -> Callable[[Tensor], Tensor]:
+        """z -> truncated ws for one request (the truncation center is computed once)."""
+        opts: StyleGANOptions = self.resolve(options)
+        device = self.device
+        self.conditioning.from_request(1, request, device)  # a request that does not fit fails before any work
+        psi = opts.truncation_psi
+        center = self.truncation_center(request, opts) if psi != 1 else None
+
+        @torch.no_grad()
+        def run(z: Tensor) -> Tensor:
+            z = z.to(device)
+            ws = self.G.mapping(z, self.conditioning.from_request(z.shape[0], request, device), truncation_psi=1)
+            return ws if center is None else truncate(ws, center, psi)
+
+        return run
+
+    def program(self, request: Request, options: SampleOptions | None = None) -> Program:
+        opts: StyleGANOptions = self.resolve(options)
+        to_ws = self.mapper(request, opts)
+        return lambda z, first: self.synthesize_ws(to_ws(z), opts.noise_mode, opts.noise_seed + first)
+
+    @torch.no_grad()
+    def style_mix_grid(
+        self,
+        row_seeds: Sequence[int],
+        col_seeds: Sequence[int],
+        col_styles: Sequence[int],
+        request: Request = NO_REQUEST,
+        options: SampleOptions | None = None,
+    ) -> tuple[Tensor, tuple[int, int]]:
+        """NVIDIA's style-mixing figure: (images on the CPU, (rows, cols)) for len(rows)+1 x len(cols)+1 cells.
+
+        Row 0 holds the column seeds' own images, column 0 the row seeds' (the corner is black); cell (r, c) takes
+        the styles `col_styles` from column seed c and the rest from row seed r."""
+        num_ws = self.G.num_ws
+        bad = [i for i in col_styles if not 0 <= i < num_ws]
+        if bad or not col_styles:
+            raise SamplingError(
+                f"--style-layers {bad or list(col_styles)} is out of range: this generator has styles 0..{num_ws - 1}"
+            )
+        opts: StyleGANOptions = self.resolve(options)
+        to_ws = self.mapper(request, opts)
+        seeds = list(dict.fromkeys([*row_seeds, *col_seeds]))
+        ws = dict(zip(seeds, to_ws(self.latents(seeds)), strict=True))
+        cells: list[Tensor | None] = [None, *(ws[c] for c in col_seeds)]  # None: the blank corner
+        for r in row_seeds:
+            cells.append(ws[r])
+            for c in col_seeds:
+                mixed = ws[r].clone()
+                mixed[list(col_styles)] = ws[c][list(col_styles)]
+                cells.append(mixed)
+        real = torch.stack([w for w in cells if w is not None])
+        mode, seed = opts.noise_mode, opts.noise_seed
+        images = torch.cat(
+            [self.synthesize_ws(real[i : i + 16], mode, seed + i).cpu() for i in range(0, real.shape[0], 16)]
+        )
+        blank = torch.full_like(images[:1], -1.0)
+        return torch.cat([blank, images]), (len(row_seeds) + 1, len(col_seeds) + 1)
+
+    @torch.no_grad()
+    def interpolation_frames(
+        self,
+        seeds: Sequence[int],
+        frames_per_transition: int,
+        space: str = "w",
+        request: Request = NO_REQUEST,
+        options: SampleOptions | None = None,
+        batch_size: int = 16,
+    ) -> Iterator[Tensor]:
+        if space != "w":
+            yield from super().interpolation_frames(seeds, frames_per_transition, space, request, options, batch_size)
+            return
+        seg, t = interpolation_schedule(len(seeds), frames_per_transition)
+        opts: StyleGANOptions = self.resolve(options)
+        to_ws = self.mapper(request, opts)
+        ends = to_ws(self.latents(seeds))
+        mode, seed = opts.noise_mode, opts.noise_seed
+        for start in range(0, len(seg), batch_size):
+            s, tt = seg[start : start + batch_size].to(ends.device), t[start : start + batch_size].to(ends.device)
+            a, b = ends[s], ends[s + 1]
+            yield self.synthesize_ws(a + (b - a) * tt[:, None, None], mode, seed + start).cpu()
+
+
+__all__ = ["NOISE_MODES", "TRUNCATION_CENTERS", "StyleGANOptions", "StyleGANSampler", "truncate"]
