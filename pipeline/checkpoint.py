@@ -30,6 +30,7 @@ import logging
 import os
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,10 +143,14 @@ def load_checkpoint(url: str, map_location: str | torch.device = "cpu", verify: 
             if hashlib.sha256(raw).hexdigest() != record.sha256:
                 raise CheckpointError(f"checkpoint {url!r} is corrupt: its sha256 differs from the recorded one")
     try:
-        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notices about a foreign file's pickle: the error below says it
+            state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for truncated or foreign files
+        # Not torch's message: it advises weights_only=False, which would run code from the file.
         raise CheckpointError(
-            f"checkpoint {url!r} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            f"{url!r} is not a ganpipe checkpoint ({type(e).__name__}: it holds something other than tensors and "
+            "plain data, or is cut short): pass a file from RUN_DIR/checkpoints/, or a run dir"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{url!r} is not a ganpipe checkpoint (no '{FORMAT}' marker)")

@@ -10,13 +10,17 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 
-def _cmd_train(args: argparse.Namespace) -> None:
+def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.train import train
 
     cfg = load_config(args.recipe, args.overrides)
     result = train(cfg, resume=args.resume)
     print(f"run dir: {result.run_dir} ({result.kimg:.3f} kimg, last checkpoint: {result.checkpoint})")
+    if result.stopped_by is not None:
+        then = "the Slurm job requeued itself" if result.requeued else "continue with --resume auto"
+        print(f"stopped early by {result.stopped_by} at {result.kimg:.3f} kimg: {then}", file=sys.stderr)
+    return result.exit_code
 
 
 def _cmd_submit(args: argparse.Namespace) -> None:
@@ -58,6 +62,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
 
 def _cmd_data_shards(args: argparse.Namespace) -> None:
     from pipeline.data.ingest import ShardsOptions, write_shards
+    from pipeline.storage import user_url
 
     options = ShardsOptions(
         resolution=args.resolution,
@@ -69,8 +74,10 @@ def _cmd_data_shards(args: argparse.Namespace) -> None:
         workers=args.workers,
         seed=args.seed,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
-    report = write_shards(args.src, args.out, args.layout, options)
+    with user_url("the source or --out", f"{args.src} -> {args.out}"):
+        report = write_shards(args.src, args.out, args.layout, options)
     m = report.manifest
     print(
         f"wrote {m.num_samples} images in {len(m.shards)} shards to {args.out} "
@@ -83,8 +90,11 @@ def _cmd_data_inspect(args: argparse.Namespace) -> None:
     import json
 
     from pipeline.data.inspect import inspect_dataset
+    from pipeline.storage import user_url
 
-    print(json.dumps(inspect_dataset(args.url, num_workers=args.workers), indent=1))
+    with user_url("dataset", args.url):
+        summary = inspect_dataset(args.url, num_workers=args.workers)
+    print(json.dumps(summary, indent=1))
 
 
 def _cmd_bench_data(args: argparse.Namespace) -> int:
@@ -371,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="encoding processes")
     s.add_argument("--seed", type=int, default=0, help="seed of the shuffle into shards")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.add_argument(
+        "--overwrite", action="store_true", help="replace a dataset of other settings (or other files) in --out"
+    )
     s.set_defaults(func=_cmd_data_shards)
     s = data_sub.add_parser("inspect", help="read every sample once and print a JSON summary")
     s.add_argument("url", help="dataset folder, manifest.json, or shard URLs with {000000..000123} braces")
@@ -463,7 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             else:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
         run = lambda: args.func(args)  # noqa: E731
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own messages at INFO; libraries (botocore, s3fs, urllib3, ...) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("pipeline").setLevel(logging.INFO)
+    if argv[:1] == ["train"]:
+        from pipeline.train.console import quiet_lightning
+
+        quiet_lightning()
 
     from pipeline.errors import GanpipeError
 
@@ -480,6 +499,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ganpipe: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        from pipeline.storage import describe_failure, storage_failure
+
+        cause = storage_failure(e)  # a URL no entry point named: still one line rather than a traceback
+        if cause is None:
+            raise
+        print(f"ganpipe: error: {describe_failure(cause)}", file=sys.stderr)
+        return 2
     return code or 0
 
 

@@ -121,7 +121,7 @@ class TrainConfig:
     log_every_kimg: float = 4
     grid_rows: int = 4
     grid_cols: int = 8
-    progress_bar: bool = True
+    progress_bar: bool = True  # on a terminal; elsewhere (Slurm logs, pipes) one tick line per log_every_kimg
 
     @property
     def total_nimg(self) -> int:
@@ -166,7 +166,8 @@ class WandbConfig:
 
 @dataclass
 class LoggerConfig:
-    csv: bool = True
+    csv: bool = True  # RUN_DIR/logs/metrics.csv, appended to across resumes
+    tensorboard: bool = False  # RUN_DIR/logs/tensorboard (scalars and sample grids); needs a run_dir on a file system
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -214,7 +215,22 @@ class Config:
             if dataclasses.is_dataclass(section) and hasattr(section, "validate"):
                 section.validate(f.name)
         require(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        ranks = self.train.devices * self.train.num_nodes
+        require(
+            self.data.batch_size % ranks == 0,
+            "data.batch_size",
+            self.data.batch_size,
+            f"must split evenly over the {ranks} ranks (train.devices={self.train.devices} x "
+            f"train.num_nodes={self.train.num_nodes}): make it a multiple of {ranks}",
+        )
         require(self.freeze_d >= 0, "freeze_d", self.freeze_d, "must be >= 0 (0 = train every D layer)")
+        require(
+            not self.logger.tensorboard or "://" not in self.run_dir or self.run_dir.startswith("file://"),
+            "logger.tensorboard",
+            self.logger.tensorboard,
+            f"TensorBoard writes event files on a file system, and run_dir={self.run_dir!r} is not one: use a local "
+            "or mounted run_dir, or logger.tensorboard=false",
+        )
         family = get_family(self.family)
         if family.check_config is not None:
             family.check_config(self)  # rules across sections, e.g. StyleGAN2's float16 layers vs autocast
@@ -264,7 +280,10 @@ def _read_yaml(url: str) -> dict[str, Any]:
             f"recipe {url!r} does not exist: give the path of a YAML recipe, e.g. recipes/stylegan2/tiny.yaml"
         ) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {url!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"recipe {url!r} is not valid YAML{where}: {what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

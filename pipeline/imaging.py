@@ -50,10 +50,13 @@ def save_png(image: np.ndarray, url: str) -> None:
         pil.save(fh, format="PNG")
 
 
-def save_image_grid(images: torch.Tensor, url: str, grid: tuple[int, int] | None = None) -> None:
-    """Float images in [-1, 1] -> one PNG grid at `url` (rows x cols, default near-square)."""
+def save_image_grid(images: torch.Tensor, url: str, grid: tuple[int, int] | None = None) -> np.ndarray:
+    """Float images in [-1, 1] -> one PNG grid at `url` (rows x cols, default near-square); returns the grid
+    ([H, W, C] uint8)."""
     rows, cols = grid if grid is not None else grid_shape(images.shape[0])
-    save_png(make_grid(to_hwc(images), rows, cols), url)
+    canvas = make_grid(to_hwc(images), rows, cols)
+    save_png(canvas, url)
+    return canvas
 
 
 __all__ = ["grid_shape", "make_grid", "save_image_grid", "save_png", "to_hwc", "to_uint8"]

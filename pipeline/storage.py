@@ -7,8 +7,12 @@ Contract
     it to disk (local files: fsync) and renames it; on an object store (s3, gs, azure, ...), where a reader never
     sees a partly uploaded object, it uploads in one shot under the final name. A killed write leaves at worst a
     temporary file, which `is_temporary` recognises and `remove_temporaries` clears.
-    `append_line(url, line)` appends one line: in place on local files (append mode), by an atomic rewrite of the
-    whole object elsewhere (object stores have no append).
+    `append_text(url, text)` / `append_line(url, line)` append: in place on local files (append mode), by an
+    atomic rewrite of the whole object elsewhere (object stores have no append).
+    `user_url(role, url)` turns what fsspec, botocore, gcsfs or aiohttp raise about a URL the user gave into one
+    `StorageError` line naming the URL, its role (data.url, run_dir, ...), the cause (no credentials, no such
+    bucket, credentials rejected, permission denied, endpoint unreachable) and the fix; `storage_failure(exc)`
+    names the cause of any exception, or None when it is not a storage failure.
 """
 
 from __future__ import annotations
@@ -17,14 +21,80 @@ import contextlib
 import os
 import re
 import uuid
+from collections.abc import Iterator
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.errors import GanpipeError
 
 # Object stores publish an object only when its upload completes, so a one-shot upload is already atomic.
 OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
 _CHUNK = 8 << 20  # write granularity of large payloads
 _TMP = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
+
+
+class StorageError(GanpipeError, OSError):
+    """A URL the user gave cannot be read or written: no credentials, no such bucket, rejected, unreachable."""
+
+
+# Cause -> what to do about it. The causes are recognised by the exception types of the storage libraries (by name:
+# botocore, gcsfs and aiohttp need not be installed) and the messages their services send.
+_FIXES = {
+    "no credentials": "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for s3://, "
+    "GOOGLE_APPLICATION_CREDENTIALS for gs://",
+    "no such bucket": "create the bucket or fix the URL",
+    "the credentials were rejected": "check the access key and secret (and AWS_ENDPOINT_URL)",
+    "permission denied": "grant access to that location or choose another one",
+    "the endpoint cannot be reached": "check the network, the host name and AWS_ENDPOINT_URL",
+}
+_CREDENTIALS = {
+    "NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError",
+}  # fmt: skip
+_UNREACHABLE = {
+    "EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionRefusedError", "gaierror",
+    "ServerTimeoutError", "ReadTimeoutError", "ConnectTimeout", "ProxyConnectionError",
+}  # fmt: skip
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why storage failed (one of `_FIXES`' causes), from an exception and its chain; None for anything else."""
+    chain: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    names = {type(e).__name__ for e in chain}
+    text = " ".join(str(e) for e in chain)
+    if names & _CREDENTIALS or "Unable to locate credentials" in text:
+        return "no credentials"
+    if "NoSuchBucket" in names or "NoSuchBucket" in text or "bucket does not exist" in text:
+        return "no such bucket"
+    if any(code in text for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken")):
+        return "the credentials were rejected"
+    if "PermissionError" in names or "AccessDenied" in text or "Forbidden" in text:
+        return "permission denied"
+    if names & _UNREACHABLE:
+        return "the endpoint cannot be reached"
+    return None
+
+
+def describe_failure(cause: str) -> str:
+    return f"{cause}: {_FIXES[cause]}"
+
+
+@contextlib.contextmanager
+def user_url(role: str, url: str) -> Iterator[None]:
+    """Storage failures about `url` (a `role` such as data.url or run_dir) as one `StorageError` line."""
+    try:
+        yield
+    except GanpipeError:
+        raise
+    except Exception as e:
+        cause = storage_failure(e)
+        if cause is None:
+            raise
+        raise StorageError(f"{role} {url!r}: {describe_failure(cause)}") from None
 
 
 def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
@@ -71,17 +141,21 @@ def publish_atomic(url: str, data: bytes | memoryview, fs: fsspec.AbstractFileSy
         raise
 
 
-def append_line(url: str, line: str) -> None:
-    """Append `line` (a newline is added) to the text file at `url`, creating it and its folder if needed."""
+def append_text(url: str, text: str) -> None:
+    """Append `text` to the text file at `url`, creating it and its folder if needed."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.makedirs(fs._parent(path), exist_ok=True)
-    text = line.rstrip("\n") + "\n"
     if isinstance(fs, LocalFileSystem):
         with fs.open(path, "a") as fh:
             fh.write(text)
         return
     old = fs.cat_file(path) if fs.exists(path) else b""
     publish_atomic(path, old + text.encode(), fs=fs)
+
+
+def append_line(url: str, line: str) -> None:
+    """Append `line` (a newline is added) to the text file at `url`."""
+    append_text(url, line.rstrip("\n") + "\n")
 
 
 def remove_temporaries(folder_url: str) -> list[str]:
@@ -103,10 +177,14 @@ def remove_temporaries(folder_url: str) -> list[str]:
 
 __all__ = [
     "OBJECT_STORES",
+    "StorageError",
     "append_line",
+    "append_text",
     "is_object_store",
     "is_temporary",
     "protocols",
     "publish_atomic",
     "remove_temporaries",
+    "storage_failure",
+    "user_url",
 ]

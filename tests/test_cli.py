@@ -31,16 +31,28 @@ def test_train_then_resume_auto_via_cli(tmp_path: Path) -> None:
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("data:\n  resolution: 32\n  batch_size: [1,\n")
+    not_a_checkpoint = tmp_path / "x.pt"
+    not_a_checkpoint.write_bytes(b"\x80\x04\x95 a pickle of something else")
+    (tmp_path / "images").mkdir()
     for args, needle in [
         (["train", str(tmp_path / "missing.yaml")], "does not exist"),
         (["export", str(tmp_path), "--out", str(tmp_path / "e")], "nor a run dir with checkpoints"),
         (["generate", str(tmp_path), "--out", str(tmp_path / "g.png")], "generator.json"),
         (["config", TINY_RECIPE, "data.url=" + str(tmp_path), "data.batch_size=0"], "data.batch_size=0"),
-    ]:
+        (["config", str(bad_yaml)], "is not valid YAML at line 4, column 1: expected the node content"),
+        (["config", TINY_RECIPE, "train.devices=3"], "data.batch_size=32 is invalid: must split evenly over the 3"),
+        (["train", TINY_RECIPE, f"run_dir={tmp_path / 'r'}", "--resume", str(not_a_checkpoint)],
+         "is not a ganpipe checkpoint (UnpicklingError: it holds something other than tensors"),
+        (["data", "shards", str(tmp_path / "images"), "--out", str(tmp_path / "s"), "--layout", "nvlabs-zip",
+          "--resolution", "32"], "--layout nvlabs-zip reads a dataset_tool .zip file, and"),
+    ]:  # fmt: skip
         proc = run(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (args, proc.stderr)
+        assert "weights_only" not in proc.stderr  # never torch's advice to load code from a file
 
 
 def test_data_synth_writes_shards_and_manifest(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ PACKAGE = ROOT / "pipeline"
 # What each part of the package may import from pipeline (besides itself and `pipeline` for __version__).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
-    "storage": set(),
+    "storage": {"errors"},
     "ops": {"errors"},
     "schema": {"errors"},
     "checkpoint": {"errors", "storage"},
@@ -39,9 +39,9 @@ ALLOWED: dict[str, set[str]] = {
     "export": {"families", "models", "checkpoint", "storage", "schema", "imaging", "errors"},
     "train": {"config", "families", "models", "objectives", "augment", "data", "export", "metrics", "checkpoint",
               "storage", "imaging", "errors", "ops", "nn", "schema"},
-    "launch": {"config", "errors", "train", "schema"},
+    "launch": {"config", "errors", "train", "schema", "storage"},
     "cli": {"config", "train", "launch", "export", "metrics", "data", "ops", "models", "families", "errors",
-            "imaging"},
+            "imaging", "storage"},
 }  # fmt: skip
 FAMILY_AGNOSTIC = ("train", "export", "metrics", "cli")
 

@@ -37,8 +37,17 @@ def test_wheel_install_runs_config_and_submit_outside_the_checkout(tmp_path: Pat
         config = cli("config", name)
         assert config.returncode == 0, config.stderr
         assert yaml.safe_load(config.stdout)["data"]["resolution"] == 32
-    submit = cli("submit", "recipes/stylegan2/ffhq256.yaml", "--profile", "local", "--dry-run")
-    assert submit.returncode == 0, submit.stderr
-    assert f"{site}/pipeline/recipes/stylegan2/ffhq256.yaml" in submit.stdout and "#SBATCH --requeue" in submit.stdout
+    # `submit` with the packaged template, profile and recipe (a stand-in sbatch accepts the job).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 77\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+    submit = cli("submit", "recipes/stylegan2/ffhq256.yaml", "--profile", "local")
+    assert submit.returncode == 0 and "submitted job 77" in submit.stdout, submit.stderr
+    (script,) = (elsewhere / "runs" / "ffhq256" / "slurm").glob("*.sbatch")
+    assert "#SBATCH --requeue" in script.read_text()
+    (frozen,) = (elsewhere / "runs" / "ffhq256" / "submitted").glob("config-*.yaml")
+    assert yaml.safe_load(frozen.read_text())["data"]["resolution"] == 256  # the packaged recipe, resolved
     missing = cli("config", "stylegan2/nope")
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -15,6 +15,10 @@ Contract:
   index in the sorted list. The same inputs and options give byte-identical shards.
 - Idempotent: a shard whose progress record (`OUT/_progress/NAME.json`) matches its plan and whose file matches
   the recorded size and sha256 is kept, not re-encoded; a killed run resumes where it stopped.
+- One dataset per `OUT`: the settings of a run (source, layout, resolution, transform, format, quality, shard
+  size, seed) are recorded in `OUT/_progress/settings.json`; a run into an `OUT` that holds another dataset, or
+  files `ganpipe data shards` did not write, is refused in one line naming the first difference, unless
+  `overwrite`, which removes the old shards, progress records and manifest first.
 - An unreadable source image is skipped and listed (reason included) in `OUT/report.json`, never fatal.
 - `manifest.json` is written last, when every shard is complete.
 """
@@ -76,6 +80,7 @@ class ShardsOptions:
     seed: int = 0
     prefix: str = "shard"
     progress: bool = True
+    overwrite: bool = False  # replace another dataset (other settings) already in OUT
 
     def validate(self) -> None:
         if self.resolution < 1:
@@ -228,6 +233,12 @@ def _list_table(src: str) -> _Listing:
 
 
 def _list_zip(src: str) -> _Listing:
+    fs, path = fsspec.core.url_to_fs(src)
+    if fs.isdir(path):
+        raise DatasetError(
+            f"--layout nvlabs-zip reads a dataset_tool .zip file, and {src!r} is a folder: pass the zip, or use "
+            "--layout folder (or classes, captions) for a folder of images"
+        )
     try:
         with fsspec.open(src, "rb") as fh, zipfile.ZipFile(fh) as zf:
             names = sorted(n for n in zf.namelist() if _is_image(n))
@@ -345,6 +356,36 @@ def _estimate_samples_per_shard(listing: _Listing, order: np.ndarray, options: S
     return max(1, int(options.shard_size // per_sample))
 
 
+def _claim_out(fs: fsspec.AbstractFileSystem, root: str, out: str, settings: dict[str, Any], overwrite: bool) -> None:
+    """Make `out` this run's: refuse another dataset's folder (see the module docstring), or clear it."""
+    fs.invalidate_cache(root)
+    entries = fs.ls(root, detail=False) if fs.exists(root) else []
+    known = _read_json(fs, f"{root}/_progress/settings.json")
+    difference = None
+    if known is not None:
+        difference = next((k for k in settings if known.get(k) != settings[k]), None)
+    elif entries:
+        difference = "contents"
+    if difference is not None and not overwrite:
+        if difference == "contents":
+            raise DatasetError(
+                f"--out {out!r} is not empty and was not written by `ganpipe data shards`: choose an empty --out, "
+                "or pass --overwrite to write into it anyway"
+            )
+        raise DatasetError(
+            f"--out {out!r} holds a dataset written with {difference}={known[difference]!r}, not "
+            f"{settings[difference]!r}: choose another --out, or pass --overwrite to replace it"
+        )
+    if difference is not None:  # --overwrite: the old dataset goes
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".tar") or name in ("_progress", "manifest.json", "report.json", "classes.json"):
+                fs.rm(entry, recursive=True)
+        log.info("--overwrite: removed the dataset that was in %s", out)
+    fs.makedirs(f"{root}/_progress", exist_ok=True)
+    publish_atomic(f"{root}/_progress/settings.json", json.dumps(settings).encode(), fs=fs)
+
+
 def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> ShardsReport:
     """Write `src` (in `layout`) as shards + manifest to `out`; see the module docstring."""
     options.validate()
@@ -362,7 +403,10 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
     ]
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
-    fs.makedirs(f"{root}/_progress", exist_ok=True)
+    settings = {"source": src, "layout": layout, "resolution": options.resolution, "transform": options.transform,
+                "format": options.image_format, "quality": options.quality, "samples_per_shard": per_shard,
+                "seed": options.seed, "prefix": options.prefix}  # fmt: skip
+    _claim_out(fs, root, out, settings, options.overwrite)
     report = ShardsReport(manifest=None)  # type: ignore[arg-type]  # set below
     infos: dict[str, dict[str, Any]] = {}
     skipped: dict[str, list[list[str]]] = {}
@@ -426,9 +470,14 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
     return report
 
 
-def _read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
     try:
-        record = json.loads(fs.cat_file(path))
+        data = json.loads(fs.cat_file(path))
     except (FileNotFoundError, ValueError):
         return None
-    return record if isinstance(record, dict) and "shard" in record and "plan" in record else None
+    return data if isinstance(data, dict) else None
+
+
+def _read_record(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any] | None:
+    record = _read_json(fs, path)
+    return record if record is not None and "shard" in record and "plan" in record else None

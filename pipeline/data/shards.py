@@ -29,7 +29,7 @@ import fsspec
 from webdataset import TarWriter
 
 from pipeline.errors import DatasetError
-from pipeline.storage import publish_atomic
+from pipeline.storage import describe_failure, publish_atomic, storage_failure
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -164,12 +164,17 @@ def read_manifest(url: str) -> Manifest:
     try:
         fs, path = fsspec.core.url_to_fs(murl)
         text = fs.cat_file(path)
-    except FileNotFoundError:
-        raise DatasetError(
-            f"no {MANIFEST_NAME} at {murl!r}: point data.url at a folder written by `ganpipe data` "
-            "(or leave data.url null for the built-in synthetic dataset)"
-        ) from None
-    except (OSError, ValueError, ImportError) as e:
+    except Exception as e:  # fsspec's backends raise their own types (botocore, aiohttp, gcsfs)
+        cause = storage_failure(e)
+        if cause is not None:  # no credentials, no such bucket, rejected, unreachable: said the same everywhere
+            raise DatasetError(f"cannot read {murl!r}: {describe_failure(cause)}") from None
+        if isinstance(e, FileNotFoundError):
+            raise DatasetError(
+                f"no {MANIFEST_NAME} at {murl!r}: point data.url at a folder written by `ganpipe data` "
+                "(or leave data.url null for the built-in synthetic dataset)"
+            ) from None
+        if not isinstance(e, (OSError, ValueError, ImportError)):
+            raise
         raise DatasetError(f"cannot read {murl!r} ({type(e).__name__}: {e}): check the URL and credentials") from None
     try:
         return Manifest.from_json(text)

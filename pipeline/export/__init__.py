@@ -25,18 +25,25 @@ from pipeline.export.format import (
 )
 from pipeline.export.sources import NetworkSource, available_converters, open_networks
 from pipeline.models.sampling import Sampler
+from pipeline.storage import user_url
 
 
 def _write(source: NetworkSource, out_dir: str, names: tuple[str, ...]) -> ExportedGenerator:
     meta = source.export_record()
-    write_export(out_dir, meta, {name: source.states[name] for name in names if name in source.states})
+    with user_url("--out", out_dir):
+        write_export(out_dir, meta, {name: source.states[name] for name in names if name in source.states})
     return meta
+
+
+def _open(source: str, training: bool = False) -> NetworkSource:
+    with user_url("source", source):
+        return open_networks(source, training)
 
 
 def export_generator(source: str, out_dir: str) -> ExportedGenerator:
     """Write G_ema of `source` (a checkpoint, a run dir's newest checkpoint, or any `open_networks` source) to
     `out_dir` as safetensors + JSON."""
-    return _write(open_networks(source), out_dir, ("G_ema",))
+    return _write(_open(source), out_dir, ("G_ema",))
 
 
 def convert(
@@ -48,7 +55,8 @@ def convert(
     available = available_converters()
     if name not in available:
         raise ExportError(f"no converter {name!r}: choose one of {', '.join(sorted(available))}")
-    nets = available[name].read(source, with_discriminator)
+    with user_url("source", source):
+        nets = available[name].read(source, with_discriminator)
     if with_discriminator and "D" not in nets.states:
         why = "; ".join(nets.notes) or "the file has none"
         raise ExportError(f"{source!r}: no discriminator to convert ({why}); drop --discriminator")
@@ -58,13 +66,14 @@ def convert(
 
 def load_generator(export_dir: str, device: str | torch.device = "cpu") -> nn.Module:
     """An exported generator (G_ema) in eval mode, rebuilt with no unpickling."""
-    read_export_meta(export_dir)  # a missing or foreign generator.json is reported as such
-    return open_networks(export_dir).build("G_ema").eval().requires_grad_(False).to(device)
+    with user_url("export", export_dir):
+        read_export_meta(export_dir)  # a missing or foreign generator.json is reported as such
+    return _open(export_dir).build("G_ema").eval().requires_grad_(False).to(device)
 
 
 def load_sampler(source: str, device: str | torch.device = "cpu") -> Sampler:
     """The family sampler of G_ema from an export folder, checkpoint, run dir or convertible file."""
-    return open_networks(source).sampler(device)
+    return _open(source).sampler(device)
 
 
 __all__ = [

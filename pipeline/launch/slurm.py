@@ -9,11 +9,14 @@ Contract
       over the ranks.
     * The script (`slurm/train.sbatch.j2`, rendered with Jinja2) asks for one task per GPU, `--requeue`,
       `--signal=SIG@SECONDS`, `--open-mode=append` and logs under the log dir, exports the profile's environment
-      and a MASTER_PORT derived from the job id, and runs `srun ganpipe train RECIPE OVERRIDES --resume auto`.
-      The run dir is fixed at submission, so a requeued job (and a resubmission of the same command) continues it.
-    * `submit(..., dry_run=True)` returns the script without touching Slurm; otherwise it writes the script to
-      `LOG_DIR/NAME.sbatch`, runs `sbatch --parsable` and returns the job id. No `sbatch`, or Slurm refusing the
-      job, raises `LaunchError` with one line.
+      and a MASTER_PORT derived from the job id, and runs `srun --cpus-per-task=N ganpipe train FROZEN --resume
+      auto`. FROZEN is the resolved config (recipe, overrides and launch keys, with the `auto` rule already
+      applied) written into the run dir at submission, `RUN_DIR/submitted/config-TIMESTAMP.yaml`: a requeue trains
+      exactly what was submitted, even if the recipe file changed since. The run dir is fixed at submission, so a
+      requeued job (and a resubmission of the same command, which freezes its own copy) continues it.
+    * `submit(..., dry_run=True)` returns the script without touching Slurm or the run dir; otherwise it writes the
+      frozen config and the script (`LOG_DIR/NAME.sbatch`), runs `sbatch --parsable` and returns the job id. No
+      `sbatch`, or Slurm refusing the job, raises `LaunchError` with one line.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import yaml
 
 from pipeline.config import Config, SlurmProfile, build_profile, load_config, resolve_recipe
 from pipeline.errors import ConfigError, LaunchError
+from pipeline.storage import publish_atomic
 
 PACKAGED_SLURM = Path(__file__).resolve().parents[1] / "slurm"  # shipped with the package (`slurm/` in a clone)
 DEFAULT_TEMPLATE = PACKAGED_SLURM / "train.sbatch.j2"
@@ -105,6 +109,7 @@ class Submission:
     log_dir: str
     job_name: str
     config: Config
+    frozen_config: str  # where the resolved config is written at submission (the script trains from it)
     job_id: str | None = None
     script_path: str | None = None
 
@@ -185,6 +190,8 @@ def prepare(req: SubmitRequest) -> Submission:
         if profile.container_mounts:
             srun_args.append(f"--container-mounts={','.join(profile.container_mounts)}")
 
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    frozen = f"{run_dir.rstrip('/')}/submitted/config-{stamp}.yaml"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = lambda v: shlex.quote(str(v))
     template = env.from_string(DEFAULT_TEMPLATE.read_text())
@@ -215,10 +222,17 @@ def prepare(req: SubmitRequest) -> Submission:
         run_dir=run_dir,
         srun_args=srun_args,
         command=_command(profile),
-        recipe=recipe,
-        overrides=overrides,
+        frozen_config=frozen,
     )
-    return Submission(script=script, run_dir=run_dir, log_dir=log_dir, job_name=job_name, config=cfg)
+    return Submission(script, run_dir, log_dir, job_name, cfg, frozen)
+
+
+def frozen_yaml(cfg: Config) -> str:
+    """The config a submitted job trains from: everything resolved, the `auto` rule already applied (so it is not
+    applied again over the values it produced, or over overrides given at submission)."""
+    data = cfg.to_dict()
+    data["auto"] = {"gpus": None}
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def submit(req: SubmitRequest, dry_run: bool = False, sbatch: str = "sbatch") -> Submission:
@@ -229,6 +243,7 @@ def submit(req: SubmitRequest, dry_run: bool = False, sbatch: str = "sbatch") ->
     exe = shutil.which(sbatch)
     if exe is None:
         raise LaunchError(f"'{sbatch}' not found: run on a Slurm login node, or print the script with --dry-run")
+    publish_atomic(sub.frozen_config, frozen_yaml(sub.config).encode())
     log_dir = Path(sub.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output; without it, no log
     script_path = log_dir / f"{sub.job_name}.sbatch"

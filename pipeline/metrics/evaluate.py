@@ -29,11 +29,12 @@ from pipeline.errors import ConfigError
 from pipeline.export import open_networks
 from pipeline.metrics.config import EvalConfig
 from pipeline.metrics.extractors import FeatureExtractor, build_extractor
-from pipeline.metrics.features import Features, generated_features
+from pipeline.metrics.features import Features, StopCheck, generated_features
 from pipeline.metrics.math import GaussianStats, fid_from_stats, inception_score, kid, precision_recall
 from pipeline.metrics.refs import reference_features
 from pipeline.metrics.spec import MetricSpec, parse_metric
 from pipeline.models.sampling import Sampler
+from pipeline.storage import user_url
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,8 @@ class GeneratorInfo:
 
 def load_generator_source(source: str, device: str | torch.device = "cpu") -> GeneratorInfo:
     """G_ema (as its family's sampler) from an export folder, a checkpoint, a run dir or a convertible file."""
-    nets = open_networks(source)
+    with user_url("source", source):
+        nets = open_networks(source)
     return GeneratorInfo(nets.sampler(device), nets.resolution, nets.kimg, nets.config or {})
 
 
@@ -102,7 +104,7 @@ class Evaluator:
             self._extractor = build_extractor(self.cfg, self.cache_dir, self.device)
         return self._extractor
 
-    def reference(self, spec: MetricSpec) -> Features:
+    def reference(self, spec: MetricSpec, should_stop: StopCheck | None = None) -> Features:
         need = spec.needs_real_features
         for (num, has_feats), f in self._refs.items():  # a kept entry with features also serves FID
             if num == spec.num_real and (has_feats or not need):
@@ -111,18 +113,20 @@ class Evaluator:
         f, hit = reference_features(
             self.data_url, self.extractor, cache_url=self.cache_url, resolution=self.resolution,
             num_real=spec.num_real, need_features=need, batch_size=self.cfg.batch_size,
-            num_workers=self.cfg.num_workers, device=self.device, progress=self.progress,
+            num_workers=self.cfg.num_workers, device=self.device, progress=self.progress, should_stop=should_stop,
         )  # fmt: skip
         self.last_cache_hits.append(hit)
         self._refs[(spec.num_real, f.features is not None)] = f
         return f
 
     @torch.no_grad()
-    def evaluate(self, sampler: Sampler) -> dict[str, float]:
+    def evaluate(self, sampler: Sampler, should_stop: StopCheck | None = None) -> dict[str, float]:
+        """Every metric of `self.specs` for the sampler's generator. With `should_stop`, polled between batches,
+        the evaluation raises `Abandoned` once it is true (a stop signal: nothing half-computed is returned)."""
         t0 = time.perf_counter()
         num_gen = max(s.num_gen for s in self.specs)
         gen = generated_features(
-            sampler, self.extractor, num_gen, seed=self.cfg.seed,
+            sampler, self.extractor, num_gen, seed=self.cfg.seed, should_stop=should_stop,
             batch_size=self.cfg.batch_size, keep_logits=any(s.kind == "is" for s in self.specs),
             device=self.device, progress=self.progress,
         )  # fmt: skip
@@ -132,13 +136,13 @@ class Evaluator:
             g = gen.features[: s.num_gen]
             if s.kind == "fid":
                 stats = gen.stats if s.num_gen == num_gen else GaussianStats.of(g)
-                out[s.name] = fid_from_stats(stats, self.reference(s).stats)
+                out[s.name] = fid_from_stats(stats, self.reference(s, should_stop).stats)
             elif s.kind == "kid":
-                real = self.reference(s).features
+                real = self.reference(s, should_stop).features
                 assert real is not None
                 out[s.name], out[f"{s.name}_std"] = kid(g, real)
             elif s.kind == "pr":
-                real = self.reference(s).features
+                real = self.reference(s, should_stop).features
                 assert real is not None
                 out[f"{s.name}_precision"], out[f"{s.name}_recall"] = precision_recall(g, real, s.neighbours)
             elif s.kind == "is":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,17 @@ from pipeline.metrics.math import GaussianStats
 from pipeline.models.sampling import Sampler
 
 log = logging.getLogger(__name__)
+
+StopCheck = Callable[[], bool]  # polled between batches: True abandons the work (`Abandoned`)
+
+
+class Abandoned(Exception):
+    """A feature pass gave up because `should_stop()` said so (a stop signal arrived): nothing is recorded."""
+
+
+def _check(should_stop: StopCheck | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Abandoned
 
 
 def world() -> tuple[int, int]:
@@ -118,8 +130,10 @@ def real_features(
     keep_features: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    should_stop: StopCheck | None = None,
 ) -> Features:
-    """Features of the first `num_real` reals (None = all), every rank reading its share of the shards.
+    """Features of the first `num_real` reals (None = all), every rank reading its share of the shards; `Abandoned`
+    between batches once `should_stop()` is true.
 
     "The first N" are the first N sample keys of the fewest leading shards (manifest order) that hold N samples,
     so a non-full metric reads about N images, not the whole dataset; without shard counts (a bare shard
@@ -139,6 +153,7 @@ def real_features(
     chunks: list[Tensor] = []
     bar = tqdm(desc="reals", unit="img", disable=not progress or rank != 0, leave=False)
     for batch in reader:
+        _check(should_stop)
         feats = extractor(batch["image"].to(device))["features"].cpu()
         if streaming:
             stats.add(feats)
@@ -179,14 +194,17 @@ def generated_features(
     keep_logits: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    should_stop: StopCheck | None = None,
 ) -> Features:
-    """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order."""
+    """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order; `Abandoned`
+    between batches once `should_stop()` is true."""
     rank, size = world()
     lo, hi = rank * num // size, (rank + 1) * num // size
     device = torch.device(device)
     feats, logits = [], []
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
     for start in range(lo, hi, batch_size):
+        _check(should_stop)
         generators = eval_generators(range(start, min(start + batch_size, hi)), seed)
         z = sampler.latents_from(generators)  # each generator gives its image's z first, then its conditioning
         c = sampler.conditioning.for_eval(generators, device)
@@ -207,7 +225,9 @@ def generated_features(
 
 
 __all__ = [
+    "Abandoned",
     "Features",
+    "StopCheck",
     "all_reduce_stats",
     "eval_generators",
     "gather_objects",

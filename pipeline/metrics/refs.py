@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from pipeline.data import open_source
 from pipeline.metrics.extractors import FeatureExtractor
-from pipeline.metrics.features import Features, real_features, world
+from pipeline.metrics.features import Features, StopCheck, real_features, world
 from pipeline.metrics.math import GaussianStats
 from pipeline.storage import publish_atomic
 
@@ -103,8 +103,10 @@ def reference_features(
     num_workers: int = 0,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    should_stop: StopCheck | None = None,
 ) -> tuple[Features, bool]:
-    """(the reals' features, whether the cache had them). `cache_url=None` disables the cache."""
+    """(the reals' features, whether the cache had them). `cache_url=None` disables the cache; `should_stop` as in
+    `real_features` (an abandoned computation is not cached)."""
     key = ReferenceKey(dataset_fingerprint(url), resolution, extractor.extractor_id, num_real)
     entry = key.url(cache_url) if cache_url else None
     if entry is not None:
@@ -115,7 +117,7 @@ def reference_features(
     log.info("reference statistics: computing %s", entry or "(no cache)")
     feats = real_features(
         url, extractor, resolution=resolution, batch_size=batch_size, num_workers=num_workers, num_real=num_real,
-        keep_features=need_features, device=device, progress=progress,
+        keep_features=need_features, device=device, progress=progress, should_stop=should_stop,
     )  # fmt: skip
     rank, size = world()
     if entry is not None and rank == 0:

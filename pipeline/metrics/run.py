@@ -24,7 +24,7 @@ from pipeline.metrics.evaluate import Evaluator, load_generator_source
 from pipeline.metrics.extractors import build_extractor
 from pipeline.metrics.refs import reference_features
 from pipeline.metrics.spec import parse_metric
-from pipeline.storage import append_line
+from pipeline.storage import append_line, user_url
 
 
 def default_cache_dir() -> str:
@@ -87,7 +87,8 @@ def evaluate_source(
             raise ConfigError(f"{source!r} does not say which data it was trained on: pass --data DATA_URL")
     rank = dist.get_rank() if dist.is_initialized() else 0
     evaluator = Evaluator(cfg, data_url, info.resolution, cache_dir, dev, progress=progress and rank == 0)
-    results = evaluator.evaluate(info.sampler)
+    with user_url("--data", data_url or "(none)"):
+        results = evaluator.evaluate(info.sampler)
     record = {
         "source": source,
         "data": data_url,
@@ -98,7 +99,8 @@ def evaluate_source(
         "results": results,
     }
     if jsonl and rank == 0:
-        append_line(jsonl, json.dumps(record))
+        with user_url("--jsonl", jsonl):
+            append_line(jsonl, json.dumps(record))
     return record
 
 

@@ -21,7 +21,9 @@ from pipeline.checkpoint import (
     save_checkpoint,
 )
 from pipeline.imaging import save_image_grid
+from pipeline.metrics.features import StopCheck
 from pipeline.models.conditioning import index_c
+from pipeline.train.loggers import log_image
 from pipeline.train.task import GANTask
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ class KimgCheckpoint(L.Callback):
         self.run_dir, self.every_kimg, self.keep_last = run_dir, every_kimg, keep_last
         self._prev_nimg = 0
         self._saved_nimg = -1
+        self.last_written: str | None = None  # the URL of the newest checkpoint this run wrote
 
     def on_train_start(self, trainer: L.Trainer, task: GANTask) -> None:
         self._prev_nimg = self._saved_nimg = task.cur_nimg
@@ -62,23 +65,28 @@ class KimgCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer, task: GANTask) -> None:
         state = task.training_state()  # every rank: collectives inside must not deadlock
+        url = f"{checkpoint_dir(self.run_dir)}/{checkpoint_name(task.cur_nimg)}"
         if trainer.is_global_zero:
-            url = f"{checkpoint_dir(self.run_dir)}/{checkpoint_name(task.cur_nimg)}"
             save_checkpoint(state, url)
             prune_checkpoints(self.run_dir, self.keep_last)
             log.info("saved checkpoint %s (%.1f kimg)", url, task.cur_nimg / 1000)
         self._saved_nimg = task.cur_nimg
+        self.last_written = url
         trainer.strategy.barrier("checkpoint")
 
 
 class SampleGrid(L.Callback):
     """Grids of G_ema samples from fixed latents (`samples/fakesNNNNNN.png`, kimg in the name) plus the reals.
 
-    Drawn by the family's sampler, with the conditioning's grid (classes in turn, or the recipe's prompts)."""
+    Drawn by the family's sampler, with the conditioning's grid (classes in turn, or the recipe's prompts). A grid
+    being drawn when a stop signal arrives (`should_stop`) is skipped, so the stop is not delayed by it."""
 
-    def __init__(self, run_dir: str, every_kimg: float, rows: int, cols: int, seed: int) -> None:
+    def __init__(
+        self, run_dir: str, every_kimg: float, rows: int, cols: int, seed: int, should_stop: StopCheck | None = None
+    ) -> None:
         self.samples_dir = f"{run_dir.rstrip('/')}/samples"
         self.every_kimg, self.rows, self.cols, self.seed = every_kimg, rows, cols, seed
+        self.should_stop = should_stop
         self._prev_nimg = 0
         self._written_nimg = -1
         self._wrote_reals = False
@@ -91,7 +99,10 @@ class SampleGrid(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, task: GANTask, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._wrote_reals and trainer.is_global_zero:
             n = min(self.rows * self.cols, batch["image"].shape[0])
-            save_image_grid(batch["image"][:n].float() / 127.5 - 1, f"{self.samples_dir}/reals.png", self._grid(n))
+            grid = save_image_grid(
+                batch["image"][:n].float() / 127.5 - 1, f"{self.samples_dir}/reals.png", self._grid(n)
+            )
+            log_image(trainer.loggers, "samples/reals", grid, task.step_idx)
             self._wrote_reals = True
         if crossed(self._prev_nimg, task.cur_nimg, self.every_kimg):
             self.write_fakes(trainer, task)
@@ -116,9 +127,14 @@ class SampleGrid(L.Callback):
         gen = torch.Generator().manual_seed(self.seed)
         z = torch.randn([n, sampler.z_dim], generator=gen).to(task.device)
         c = sampler.conditioning.grid(n, task.device)
-        images = torch.cat(
-            [sampler.synthesize(z[i : i + 16], index_c(c, slice(i, i + 16))).cpu() for i in range(0, n, 16)]
-        )
+        chunks = []
+        for i in range(0, n, 16):
+            if self.should_stop is not None and self.should_stop():
+                log.info("sample grid at %.1f kimg skipped: stopping", task.cur_nimg / 1000)
+                return
+            chunks.append(sampler.synthesize(z[i : i + 16], index_c(c, slice(i, i + 16))).cpu())
+        images = torch.cat(chunks)
         url = f"{self.samples_dir}/fakes{task.cur_nimg // 1000:06d}.png"
-        save_image_grid(images, url, (self.rows, self.cols))
+        grid = save_image_grid(images, url, (self.rows, self.cols))
+        log_image(trainer.loggers, "samples/fakes", grid, task.step_idx)
         log.info("wrote sample grid %s", url)

@@ -13,7 +13,9 @@ of features; all ranks get the same numbers). Rank 0 then
       read back at start, so a resumed run only replaces the best checkpoint with a better one.
 
 Evaluation runs inside `torch.random.fork_rng` and draws latents from private generators, so it never moves the
-training RNG: a run with evaluation trains exactly like one without.
+training RNG: a run with evaluation trains exactly like one without. A stop signal (Ctrl-C, SIGTERM, the
+pre-timeout signal: `should_stop`) abandons an evaluation between batches: nothing is logged or appended for it,
+and the step boundary right after checkpoints and stops.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 from pipeline.checkpoint import checkpoint_dir, save_checkpoint
 from pipeline.config import Config
 from pipeline.metrics import Evaluator, better
+from pipeline.metrics.features import Abandoned, StopCheck
 from pipeline.storage import append_line, publish_atomic
 from pipeline.train.callbacks import crossed
 from pipeline.train.task import GANTask
@@ -41,8 +44,8 @@ log = logging.getLogger(__name__)
 class EvalCallback(L.Callback):
     """See the module docstring. `data_url`: the resolved dataset (the synthetic set's folder if data.url is null)."""
 
-    def __init__(self, cfg: Config, data_url: str) -> None:
-        self.cfg, self.data_url = cfg, data_url
+    def __init__(self, cfg: Config, data_url: str, should_stop: StopCheck | None = None) -> None:
+        self.cfg, self.data_url, self.should_stop = cfg, data_url, should_stop
         self.run_dir = cfg.run_dir.rstrip("/")
         self.metrics_url = f"{self.run_dir}/metrics.jsonl"
         self.evaluator: Evaluator | None = None
@@ -78,11 +81,18 @@ class EvalCallback(L.Callback):
             d = self.cfg.data
             self.evaluator = Evaluator(self.cfg.eval, self.data_url, d.resolution, d.resolved_cache_dir(), task.device)
         t0 = time.perf_counter()
-        devices = [task.device] if task.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            results = self.evaluator.evaluate(task.sampler())
-        seconds = time.perf_counter() - t0
         kimg = task.cur_nimg / 1000
+        if trainer.is_global_zero:
+            log.info("evaluating %s at %.1f kimg", ", ".join(self.cfg.eval.metrics), kimg)
+        devices = [task.device] if task.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                results = self.evaluator.evaluate(task.sampler(), self.should_stop)
+        except Abandoned:
+            if trainer.is_global_zero:
+                log.info("evaluation at %.1f kimg abandoned after %.1fs: stopping", kimg, time.perf_counter() - t0)
+            return {}
+        seconds = time.perf_counter() - t0
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 logger.log_metrics({f"metrics/{k}": v for k, v in results.items()}, step=trainer.global_step)

@@ -1,17 +1,25 @@
-"""Preemption and requeue: stop at a step boundary with a checkpoint when Slurm says time is up.
+"""Stopping early without losing work: Ctrl-C, SIGTERM and Slurm's pre-timeout signal all checkpoint at the next
+step boundary and stop; the pre-timeout signal also requeues the Slurm job.
 
 Contract
-    * The signal handlers only record which signal arrived (`requeue_signal`, Slurm's pre-timeout signal from
-      `#SBATCH --signal=USR1@SECONDS`, and SIGTERM, which Slurm sends on preemption, `scontrol requeue` and
-      `scancel`). Nothing else happens inside a handler: saving there could deadlock in a collective that another
-      rank never enters (Lightning's own SLURM auto-requeue does that; it is switched off).
-    * At every step boundary all ranks agree (one all-reduce MAX of a flag, so a signal seen by any rank counts for
-      all, at the same step). When set: every rank takes part in the checkpoint (rank 0 writes it), the task is
-      marked `preempted`, and the trainer stops after this step.
+    * The handlers only record which signal arrived: SIGINT (Ctrl-C), SIGTERM (what Slurm sends on preemption,
+      `scontrol requeue` and `scancel`, and what `kill` sends) and `requeue_signal` (Slurm's pre-timeout signal from
+      `#SBATCH --signal=USR1@SECONDS`). Nothing else happens inside a handler: saving there could deadlock in a
+      collective that another rank never enters (Lightning's own SLURM auto-requeue does that; it is switched off).
+      A second Ctrl-C exits at once (status 130): checkpoints are written to a temporary name and renamed, so the
+      newest checkpoint under its real name stays whole.
+    * Long work between step boundaries polls `requested()` and gives up early: an evaluation is abandoned (and
+      not recorded), a sample grid is skipped. So a stop is acted on within seconds wherever the run is.
+    * At every step boundary all ranks agree (one all-reduce MAX of the request, so a signal seen by any rank
+      counts for all, at the same step). When set: every rank takes part in the checkpoint (rank 0 writes it), the
+      task is marked `preempted`, and the trainer stops after this step.
     * After training has stopped, `requeue_if_requested` (called by `train()`) runs `scontrol requeue
       $SLURM_JOB_ID` on rank 0 when the requeue signal was received inside a Slurm job, so the job goes back to
       the queue and, restarted, resumes with `--resume auto`. SIGTERM does not requeue: Slurm requeues preempted
       and `scontrol requeue`d jobs itself, and `scancel` means stop.
+    * `exit_code` is what `ganpipe train` exits with: 0 when training completed or the job requeued itself,
+      128 + the signal's number when a signal stopped it early (130 Ctrl-C, 143 SIGTERM, 138 USR1 outside
+      Slurm), so wrappers can tell "stopped early" from "done".
     * A time limit reached without any signal loses the work since the last periodic checkpoint.
 """
 
@@ -33,8 +41,10 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-_STOP = 1  # SIGTERM: checkpoint and exit
-_REQUEUE = 2  # the pre-timeout signal: checkpoint, requeue, exit
+# Stop requests, by strength (ranks agree on the strongest any of them saw).
+_INTERRUPT = 1  # SIGINT: checkpoint and stop
+_TERMINATE = 2  # SIGTERM: checkpoint and stop
+_REQUEUE = 3  # the pre-timeout signal: checkpoint, requeue, stop
 
 
 def signal_from_name(name: str) -> signal.Signals:
@@ -43,43 +53,60 @@ def signal_from_name(name: str) -> signal.Signals:
 
 
 class PreemptionCallback(L.Callback):
-    """Turns the pre-timeout signal / SIGTERM into a checkpoint at the next step boundary and a clean stop.
+    """Turns Ctrl-C, SIGTERM and the pre-timeout signal into a checkpoint at the next step boundary and a clean stop.
 
     `save` is the checkpoint callback's save function (called on every rank; it must contain the collectives of
     the checkpoint and write only on rank 0). Place this callback after the periodic checkpoint callback, so a
-    checkpoint that was due at this step is not written twice.
+    checkpoint that was due at this step is not written twice. `install()` before `trainer.fit` (Lightning keeps
+    the handlers it finds and restores them after fit) and `uninstall()` after it.
     """
 
     def __init__(self, save: Any, requeue_signal: str | None = "USR1") -> None:
         self.save = save
         self.requeue_signal = signal_from_name(requeue_signal) if requeue_signal else None
-        self.received = 0  # the strongest request seen by this process (_STOP < _REQUEUE)
+        self.received = 0  # the strongest request seen by this process
         self.decision = 0  # what all ranks agreed on
         self._previous: dict[signal.Signals, Any] = {}
 
     # Signal handling ---------------------------------------------------------------------------------------------
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
-        # Only a flag: everything else happens at the next step boundary.
-        self.received = max(self.received, _REQUEUE if signum == self.requeue_signal else _STOP)
+        # Only a flag: everything else happens at the next step boundary (or, for a second Ctrl-C, right now).
+        if signum == signal.SIGINT:
+            if self.received:
+                os.write(2, b"\nganpipe: second Ctrl-C: exiting now; the newest checkpoint is whole\n")
+                os._exit(128 + signal.SIGINT)
+            os.write(2, b"\nganpipe: Ctrl-C: checkpointing at the next step, then stopping (Ctrl-C again: now)\n")
+            request = _INTERRUPT
+        else:
+            request = _REQUEUE if signum == self.requeue_signal else _TERMINATE
+        self.received = max(self.received, request)
+
+    def requested(self) -> bool:
+        """Whether this process was asked to stop: long work between steps polls it to give up early."""
+        return self.received > 0
+
+    def _signums(self) -> list[signal.Signals]:
+        return [signal.SIGINT, signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal is not None else [])
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
-            log.warning("not in the main thread: preemption signals are not handled")
+            log.warning("not in the main thread: stop signals are not handled")
             return
-        signums = [signal.SIGTERM] + ([self.requeue_signal] if self.requeue_signal is not None else [])
-        for signum in signums:
-            # Replaces Lightning's SIGTERM handler, which broadcasts from inside the handler.
-            self._previous[signum] = signal.signal(signum, self._handler)
+        for signum in self._signums():
+            previous = signal.signal(signum, self._handler)
+            self._previous.setdefault(signum, previous)
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
 
-    # Lightning hooks (the trainer registers its own handlers just before on_train_start) ----------------------
+    # Lightning hooks ------------------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning composed its own SIGTERM handler (which stops the loop mid-step) with ours while setting up: ours
+        # alone again.
         self.install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
@@ -90,26 +117,38 @@ class PreemptionCallback(L.Callback):
         if decision == 0:
             return
         self.decision = decision
-        what = "pre-timeout signal" if decision == _REQUEUE else "SIGTERM"
         if trainer.is_global_zero:
-            log.info("%s received: checkpointing at %.3f kimg and stopping", what, pl_module.cur_nimg / 1000)
+            log.info(
+                "%s received: checkpointing at %.3f kimg and stopping", self.signal_name, pl_module.cur_nimg / 1000
+            )
         pl_module.preempted = True
         self.save(trainer, pl_module)
         trainer.should_stop = True
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.decision and slurm_job_id() is not None:
-            # Stopping a Slurm job: the process exits right after this, and the SIGTERM of the requeue (or the rest
-            # of Slurm's kill sequence) must not cut that exit short; the flag-only handlers stay.
-            return
-        self.uninstall()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.uninstall()
+    @property
+    def signal_name(self) -> str:
+        if self.decision == _REQUEUE and self.requeue_signal is not None:
+            return "pre-timeout signal"
+        return {_INTERRUPT: "Ctrl-C (SIGINT)", _TERMINATE: "SIGTERM"}.get(self.decision, "stop signal")
 
     @property
     def requeue_requested(self) -> bool:
         return self.decision == _REQUEUE
+
+    def exit_code(self) -> int:
+        """0 when training was not stopped early, or when the pre-timeout signal stopped a Slurm job (it requeues
+        itself; every task leaves cleanly); else 128 + the signal's number."""
+        if not self.decision:
+            return 0
+        if self.decision == _REQUEUE and self.requeue_signal is not None:
+            return 0 if slurm_job_id() is not None else 128 + int(self.requeue_signal)
+        return 128 + int(signal.SIGINT if self.decision == _INTERRUPT else signal.SIGTERM)
+
+    def keep_handlers(self) -> bool:
+        """Stopped by a signal: the process is on its way out, so the handlers stay. Another Ctrl-C still exits at
+        once with 130, and the SIGTERM of a Slurm requeue (or the rest of Slurm's kill sequence) does not cut the
+        exit short."""
+        return bool(self.decision)
 
 
 def slurm_job_id() -> str | None:

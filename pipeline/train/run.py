@@ -21,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,8 @@ from typing import Any
 
 import fsspec
 import lightning as L
+import torch
 from filelock import FileLock
-from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 
 from pipeline.checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, resolve_checkpoint
 from pipeline.config import Config, to_yaml
@@ -38,10 +37,13 @@ from pipeline.data import StreamLoader, StreamOptions, build_train_stream, ensur
 from pipeline.errors import ConfigError
 from pipeline.families import get_family
 from pipeline.ops._dispatch import ENV_VAR as OPS_ENV_VAR
-from pipeline.storage import publish_atomic
+from pipeline.storage import user_url
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
+from pipeline.train.console import ConsoleTicks, on_terminal
 from pipeline.train.distributed import is_global_zero_from_env, leave_process_group, slurm_environment
 from pipeline.train.eval_callback import EvalCallback
+from pipeline.train.lock import LockWatch, RunLock
+from pipeline.train.loggers import build_loggers, finish_wandb
 from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
 from pipeline.train.strategy import GradientSync, build_sync
 from pipeline.train.task import GANTask
@@ -55,8 +57,10 @@ class TrainResult:
     run_dir: str
     checkpoint: str | None
     kimg: float
-    preempted: bool = False  # stopped early by a pre-timeout signal or SIGTERM (with a checkpoint)
+    preempted: bool = False  # stopped early by Ctrl-C, SIGTERM or the pre-timeout signal (with a checkpoint)
     requeued: bool = False  # ... and the Slurm job was requeued to continue
+    stopped_by: str | None = None  # what stopped it early, in words
+    exit_code: int = 0  # for `ganpipe train`: 0 done or requeued, else 128 + the stopping signal's number
 
 
 def dataset_url(cfg: Config) -> str:
@@ -126,41 +130,6 @@ class ShardDataModule(L.LightningDataModule):
         return loader
 
 
-def _loggers(cfg: Config) -> list[Logger]:
-    loggers: list[Logger] = []
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=cfg.run_dir, name="logs", version=""))
-    w = cfg.logger.wandb
-    if w.project:
-        # Only rank 0 logs to wandb; the others must not race it to create the id file.
-        run_id = _wandb_run_id(cfg.run_dir) if is_global_zero_from_env() else None
-        loggers.append(
-            WandbLogger(
-                project=w.project, entity=w.entity, name=w.name, save_dir=cfg.run_dir, id=run_id, resume="allow"
-            )
-        )
-    return loggers
-
-
-def _wandb_run_id(run_dir: str) -> str:
-    """One wandb run per run dir: the id is stored beside the checkpoints so a resumed job continues it."""
-    url = f"{run_dir.rstrip('/')}/wandb_run_id.txt"
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(path):
-        return fs.cat_file(path).decode().strip()
-    run_id = uuid.uuid4().hex[:12]  # wandb takes any letters and digits (its own id helper moved between versions)
-    publish_atomic(path, run_id.encode(), fs=fs)
-    return run_id
-
-
-def _finish_wandb(trainer: L.Trainer) -> None:
-    """End this attempt's wandb run (Lightning leaves it open): a later `train()` in the same process, e.g. a resume,
-    then starts its own attempt of the run instead of writing into this one."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
-
-
 def _load_resume_state(cfg: Config, resume: str | None) -> tuple[str | None, dict[str, Any] | None]:
     if resume is None:
         if list_checkpoints(cfg.run_dir):
@@ -175,8 +144,9 @@ def _load_resume_state(cfg: Config, resume: str | None) -> tuple[str | None, dic
             log.info("no checkpoint in %s: starting a new run", cfg.run_dir)
             return None, None
         return found
-    url = resolve_checkpoint(resume)
-    return url, load_checkpoint(url)
+    with user_url("--resume", resume):
+        url = resolve_checkpoint(resume)
+        return url, load_checkpoint(url)
 
 
 def _check_compatible(cfg: Config, state: dict[str, Any], url: str) -> None:
@@ -188,6 +158,20 @@ def _check_compatible(cfg: Config, state: dict[str, Any], url: str) -> None:
             )
     if saved.get("data", {}).get("resolution") != cfg.data.resolution:
         raise ConfigError(f"checkpoint {url!r} was trained at another data.resolution: use the same resolution")
+
+
+def warn_cpu_ranks(cfg: Config) -> bool:
+    """Several ranks on CPUs share one machine's cores: say so (it tests multi-rank training, it is not faster)."""
+    t = cfg.train
+    on_cpu = t.accelerator == "cpu" or (t.accelerator == "auto" and not torch.cuda.is_available())
+    if t.devices > 1 and on_cpu:
+        log.warning(
+            "train.devices=%d on CPU: %d processes share this machine's %d cores, which tests multi-rank training "
+            "but does not make it faster; use train.devices=1 for speed",
+            t.devices, t.devices, os.cpu_count() or 1,
+        )  # fmt: skip
+        return True
+    return False
 
 
 def build_trainer(cfg: Config, callbacks: list[L.Callback], sync: GradientSync | None = None) -> L.Trainer:
@@ -208,10 +192,10 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], sync: GradientSync |
         plugins=plugins or None,
         precision=t.precision,
         max_epochs=1,  # one pass over a finite stream sized to reach total_kimg
-        logger=_loggers(cfg) or False,
+        logger=build_loggers(cfg) or False,
         callbacks=callbacks,
         enable_checkpointing=False,  # checkpoints are ours: atomic, kimg-based, weights_only-loadable
-        enable_progress_bar=cfg.train.progress_bar,
+        enable_progress_bar=cfg.train.progress_bar and on_terminal(),  # elsewhere: tick lines (ConsoleTicks)
         log_every_n_steps=steps_per_log,
         use_distributed_sampler=False,  # the sampler already splits the stream across ranks
         num_sanity_val_steps=0,
@@ -220,8 +204,9 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], sync: GradientSync |
 
 
 def train(cfg: Config, resume: str | None = None) -> TrainResult:
-    """Train `cfg` to `cfg.train.total_kimg`; see the module docstring for `resume`."""
-    with _ops_impl(cfg.ops.impl):
+    """Train `cfg` to `cfg.train.total_kimg`; see the module docstring for `resume`. A storage failure (no
+    credentials, no such bucket, ...) is one `StorageError` line naming the URL it concerns."""
+    with _ops_impl(cfg.ops.impl), user_url("run_dir", cfg.run_dir):
         return _train(cfg, resume)
 
 
@@ -243,8 +228,23 @@ def _ops_impl(impl: str) -> Iterator[None]:
 
 def _train(cfg: Config, resume: str | None) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    url = dataset_url(cfg)
-    check_dataset_fits(cfg, url)
+    with user_url("data.url", cfg.data.url or cfg.data.resolved_cache_dir()):
+        url = dataset_url(cfg)
+        check_dataset_fits(cfg, url)
+    if is_global_zero_from_env():
+        warn_cpu_ranks(cfg)
+    # One writer per run dir: rank 0 holds its lease from here (before it writes anything) until training stops.
+    lock = RunLock(cfg.run_dir) if is_global_zero_from_env() else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        return _train_holding_the_run_dir(cfg, resume, url, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_holding_the_run_dir(cfg: Config, resume: str | None, url: str, lock: RunLock | None) -> TrainResult:
     ckpt_url, state = _load_resume_state(cfg, resume)
 
     if is_global_zero_from_env():
@@ -259,7 +259,8 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
         task.load_training_state(state)
         log.info("resuming from %s at %.1f kimg", ckpt_url, task.cur_nimg / 1000)
     elif cfg.init:
-        init_networks(cfg.init, cfg.family, cfg.to_dict()["model"], cfg.data.resolution, task.G, task.G_ema, task.D)
+        with user_url("init", cfg.init):
+            init_networks(cfg.init, cfg.family, cfg.to_dict()["model"], cfg.data.resolution, task.G, task.G_ema, task.D)
 
     if task.cur_nimg >= cfg.train.total_nimg:
         log.info(
@@ -269,23 +270,35 @@ def _train(cfg: Config, resume: str | None) -> TrainResult:
 
     t = cfg.train
     checkpointer = KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last)
+    preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal)
+    stop = preemption.requested  # long work between steps gives up when a stop signal arrives
     callbacks: list[L.Callback] = [
         checkpointer,
-        SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
+        SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed, should_stop=stop),
     ]
     if cfg.eval.metrics:
-        callbacks.append(EvalCallback(cfg, url))
-    # Last: a checkpoint already due at this step is not written twice.
-    preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal)
-    callbacks.append(preemption)
+        callbacks.append(EvalCallback(cfg, url, should_stop=stop))
+    if not (t.progress_bar and on_terminal()):
+        callbacks.append(ConsoleTicks(t.log_every_kimg))
+    if lock is not None:
+        callbacks.append(LockWatch(lock))
+    callbacks.append(preemption)  # last: a checkpoint already due at this step is not written twice
     trainer = build_trainer(cfg, callbacks, task.sync)
+    preemption.install()  # Ctrl-C from here on checkpoints and stops (Lightning restores these after fit)
     try:
         trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
     finally:
-        _finish_wandb(trainer)
-    checkpoints = list_checkpoints(cfg.run_dir)
+        finish_wandb(trainer.loggers)
+        if not preemption.keep_handlers():
+            preemption.uninstall()
     requeued = requeue_if_requested(preemption, trainer.is_global_zero)
     leave_process_group()
     return TrainResult(
-        cfg.run_dir, checkpoints[-1] if checkpoints else None, task.cur_nimg / 1000, task.preempted, requeued
+        cfg.run_dir,
+        checkpointer.last_written or ckpt_url,
+        task.cur_nimg / 1000,
+        task.preempted,
+        requeued,
+        preemption.signal_name if task.preempted else None,
+        preemption.exit_code(),
     )

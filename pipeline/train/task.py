@@ -143,6 +143,10 @@ class GANTask(L.LightningModule):
             self._check_ranks_agree()
         self.sync.setup(self)
         self._batch_gpu = self._check_batch_gpu()
+        # The loggers' step is Lightning's count of batches, which restarts at 0 in every attempt (we resume from our
+        # own checkpoints, not Lightning's); set it to ours, as Lightning's own resume would, so every logger's
+        # x-axis continues across resumes and requeues.
+        self.trainer.fit_loop.epoch_loop._batches_that_stepped = self.step_idx
         self._tick_time, self._tick_nimg = time.perf_counter(), self.cur_nimg
 
     def _check_ranks_agree(self) -> None:

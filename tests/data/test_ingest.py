@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -55,6 +56,24 @@ def test_folder_layout_deterministic_crop_and_idempotent(tmp_path: Path) -> None
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="no images"):
         write_shards(str(tmp_path / "empty"), str(tmp_path / "c"), "folder", OPTS)
+
+
+def test_an_out_folder_holds_one_dataset(tmp_path: Path) -> None:
+    src, out = _folder(tmp_path / "src"), tmp_path / "out"
+    first = write_shards(str(src), str(out), "folder", OPTS)
+    with pytest.raises(DatasetError, match=r"holds a dataset written with resolution=16, not 32: .*--overwrite"):
+        write_shards(str(src), str(out), "folder", dataclasses.replace(OPTS, resolution=32))
+    assert read_manifest(str(out)) == first.manifest  # refused: nothing was touched
+    replaced = write_shards(str(src), str(out), "folder", dataclasses.replace(OPTS, resolution=32, overwrite=True))
+    assert replaced.manifest.resolution == 32 and len(replaced.written) == 3
+    assert sorted(p.name for p in out.glob("*.tar")) == [s.name for s in replaced.manifest.shards]
+    assert write_shards(str(src), str(out), "folder", dataclasses.replace(OPTS, resolution=32)).written == []
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's files")
+    with pytest.raises(DatasetError, match="is not empty and was not written by `ganpipe data shards`"):
+        write_shards(str(src), str(foreign), "folder", OPTS)
+    assert (foreign / "notes.txt").exists()
 
 
 def test_classes_layout_with_and_without_classes_json(tmp_path: Path) -> None:

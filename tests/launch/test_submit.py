@@ -24,13 +24,40 @@ def test_dry_run_prints_a_complete_sbatch_script(capsys, tmp_path) -> None:
         "#SBATCH --open-mode=append",
         f"#SBATCH --output={tmp_path / 'x'}/slurm/%x-%j.out",
         "export MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 20000 ))",
-        f"run_dir={tmp_path / 'x'}",
-        "train.devices=2",
-        "train.backend=gloo",
+        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
+        f"train {tmp_path / 'x'}/submitted/config-",
         "--resume auto",
     ]:
         assert line in script, line
-    assert "srun " in script and " train " in script
+    assert "srun --kill-on-bad-exit=1 --cpus-per-task=1 " in script
+    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+
+
+def test_module_and_setup_lines_run_before_strict_mode(tmp_path) -> None:
+    profile = tmp_path / "gpu.yaml"
+    profile.write_text("gpus_per_node: 4\nmodules: [cuda/12.4]\nsetup: ['source ~/venv/bin/activate']\n")
+    script = prepare(SubmitRequest(TINY_RECIPE, str(profile), [f"run_dir={tmp_path / 'x'}"])).script
+    lines = script.splitlines()
+    strict = lines.index("set -euo pipefail")
+    assert lines.index("module load cuda/12.4") < strict and lines.index("source ~/venv/bin/activate") < strict
+    assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}" in script
+    assert "NCCL_ASYNC_ERROR_HANDLING=" not in script.replace("TORCH_NCCL_ASYNC_ERROR_HANDLING=", "")
+
+
+def test_the_job_trains_from_the_config_frozen_at_submission(tmp_path) -> None:
+    """Requeues read the frozen copy: what was submitted, with the `auto` rule applied once and not again."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"base: {TINY_RECIPE}\nauto: {{gpus: 2}}\n")
+    fake_sbatch = tmp_path / "sbatch"
+    fake_sbatch.write_text("#!/bin/sh\necho 4242\n")
+    fake_sbatch.chmod(0o755)
+    sub = submit(SubmitRequest(str(recipe), "local", [f"run_dir={tmp_path / 'run'}", "data.batch_size=8"]),
+                 sbatch=str(fake_sbatch))  # fmt: skip
+    assert sub.job_id == "4242" and sub.frozen_config in sub.script
+    recipe.write_text("this recipe was edited after submission: the job must not read it\n")
+    frozen = load_config(sub.frozen_config)
+    assert frozen.to_dict() == {**sub.config.to_dict(), "auto": {"gpus": None}}
+    assert frozen.data.batch_size == 8 and frozen.train.devices == 2  # the override survives; the rule is not re-run
 
 
 def test_launch_keys_come_from_the_profile_and_validate(tmp_path) -> None:
@@ -38,7 +65,7 @@ def test_launch_keys_come_from_the_profile_and_validate(tmp_path) -> None:
     assert sub.config.train.num_nodes == 2 and sub.config.train.devices == 2
     assert sub.run_dir.startswith("/") and sub.run_dir.endswith("rel/run")  # stable: absolute, no timestamp
     assert load_config(TINY_RECIPE, []).train.accelerator == "auto"
-    with pytest.raises(ConfigError, match="data.batch_size=6 does not split over 4 ranks"):
+    with pytest.raises(ConfigError, match="data.batch_size=6 is invalid: must split evenly over the 4 ranks"):
         prepare(SubmitRequest(TINY_RECIPE, "local", ["data.batch_size=6"], nodes=2))
     with pytest.raises(ConfigError, match="unknown profile 'nope'.*local"):
         prepare(SubmitRequest(TINY_RECIPE, "nope", []))

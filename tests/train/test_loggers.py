@@ -1,0 +1,58 @@
+"""A run's history survives its resumes: the CSV keeps every row of every attempt (also when a resumed attempt
+logs a new column), TensorBoard's scalars and sample grids continue, and the logged step continues."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.train import train
+from pipeline.train.loggers import AppendingCSVLogger
+
+LOG_EVERY_STEP = ["train.log_every_kimg=0.008", "logger.csv=true", "train.checkpoint_every_kimg=0.016"]
+
+
+def _rows(run_dir: str) -> list[dict[str, str]]:
+    with open(f"{run_dir}/logs/metrics.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_csv_keeps_every_attempt_and_a_new_column(make_config) -> None:
+    first = make_config(*LOG_EVERY_STEP, "train.total_kimg=0.016")
+    train(first)
+    assert [r["kimg"] for r in _rows(first.run_dir)] == ["0.008", "0.016"]
+    # The resumed attempt turns ADA on: a column the file did not have (Augment/p).
+    second = make_config(*LOG_EVERY_STEP, "train.total_kimg=0.032", "augment.kind=ada")
+    train(second, resume="auto")
+    rows = _rows(second.run_dir)
+    assert [r["kimg"] for r in rows] == ["0.008", "0.016", "0.024", "0.032"]  # both attempts, in order
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]  # the step continues
+    assert [r["Augment/p"] for r in rows[:2]] == ["", ""] and all(r["Augment/p"] for r in rows[2:])
+    assert all(r["Loss/D/loss"] for r in rows)  # the first attempt's values survived the rewrite
+
+
+def test_csv_logger_appends_and_widens(tmp_path: Path) -> None:
+    logger = AppendingCSVLogger(str(tmp_path))
+    logger.log_metrics({"a": 1.0, "epoch": 0}, step=1)
+    logger.save()
+    again = AppendingCSVLogger(str(tmp_path))  # a later attempt: a new logger, the same file
+    again.log_metrics({"a": 2.0}, step=2)
+    again.log_metrics({"a": 3.0, "b": 4.0}, step=3)
+    again.finalize("success")
+    assert (tmp_path / "logs" / "metrics.csv").read_text() == "step,a,b\n1,1.0,\n2,2.0,\n3,3.0,4.0\n"
+
+
+def test_tensorboard_scalars_and_sample_grids_continue(make_config) -> None:
+    common = [*LOG_EVERY_STEP, "logger.tensorboard=true", "train.samples_every_kimg=0.016"]
+    train(make_config(*common, "train.total_kimg=0.016"))
+    cfg = make_config(*common, "train.total_kimg=0.032")
+    train(cfg, resume="auto")
+    events = EventAccumulator(f"{cfg.run_dir}/logs/tensorboard", size_guidance={"images": 0, "scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("Loss/G/loss")] == [0, 1, 2, 3]
+    assert [e.value for e in events.Scalars("kimg")] == pytest.approx([0.008, 0.016, 0.024, 0.032])
+    grids = events.Images("samples/fakes")
+    assert [e.step for e in grids] == [0, 2, 4] and events.Images("samples/reals")
+    assert len(list(Path(cfg.run_dir, "logs", "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per attempt
