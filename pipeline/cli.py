@@ -17,9 +17,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.recipe, args.overrides)
     result = train(cfg, resume=args.resume)
     print(f"run dir: {result.run_dir} ({result.kimg:.3f} kimg, last checkpoint: {result.checkpoint})")
-    if result.stopped_by is not None:
+    if result.stopped_by is not None and result.preempted:
         then = "the Slurm job requeued itself" if result.requeued else "continue with --resume auto"
         print(f"stopped early by {result.stopped_by} at {result.kimg:.3f} kimg: {then}", file=sys.stderr)
+    elif result.stopped_by is not None:
+        print(f"{result.stopped_by} cut the final evaluation short: training is complete; evaluate it with "
+              f"`ganpipe eval {result.run_dir}`", file=sys.stderr)  # fmt: skip
     return result.exit_code
 
 
@@ -39,6 +42,7 @@ def _cmd_submit(args: argparse.Namespace) -> None:
     sub = submit(request, dry_run=args.dry_run)
     if args.dry_run:
         print(sub.script, end="")
+        print(f"dry run: not submitted; the script trains from {sub.frozen_config}, written now", file=sys.stderr)
         return
     hint = watch_hint(sub)
     print(f"submitted job {sub.job_id}: run dir {sub.run_dir}")
@@ -351,7 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, help="GPUs (= tasks) per node (default: the profile's)")
     p.add_argument("--time", help="wall-clock limit per job, e.g. 24:00:00 (default: the profile's)")
     p.add_argument("--job-name", help="Slurm job name (default: the run dir's name)")
-    p.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting it")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the sbatch script instead of submitting it (its frozen config is written)",
+    )
     p.set_defaults(func=_cmd_submit)
 
     p = sub.add_parser("config", help="print the resolved config of a recipe with overrides")

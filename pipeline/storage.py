@@ -18,6 +18,7 @@ Contract
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import uuid
@@ -34,7 +35,7 @@ _CHUNK = 8 << 20  # write granularity of large payloads
 _TMP = re.compile(r"^\..+\.tmp-\d+(-[0-9a-f]+)?$")
 
 
-class StorageError(GanpipeError, OSError):
+class StorageError(GanpipeError):
     """A URL the user gave cannot be read or written: no credentials, no such bucket, rejected, unreachable."""
 
 
@@ -45,9 +46,19 @@ _FIXES = {
     "GOOGLE_APPLICATION_CREDENTIALS for gs://",
     "no such bucket": "create the bucket or fix the URL",
     "the credentials were rejected": "check the access key and secret (and AWS_ENDPOINT_URL)",
-    "permission denied": "grant access to that location or choose another one",
+    # An object store's 403 to a HEAD request has no body: rejected credentials and missing rights look the same.
+    "permission denied": "check the credentials (and AWS_ENDPOINT_URL), grant access to that location, or choose "
+    "another one",
     "the endpoint cannot be reached": "check the network, the host name and AWS_ENDPOINT_URL",
+    "a file is in the way": "a part of the path is a file, not a folder: move it or choose another location",
+    "the file system is read-only": "choose a writable location",
+    "no space left on the device": "free space or choose another location",
 }
+_LOCAL_CAUSES = {
+    errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ENOTDIR: "a file is in the way",
+    errno.EROFS: "the file system is read-only", errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "no space left on the device",
+}  # fmt: skip
 _CREDENTIALS = {
     "NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialRetrievalError",
 }  # fmt: skip
@@ -55,15 +66,52 @@ _UNREACHABLE = {
     "EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError", "ConnectionRefusedError", "gaierror",
     "ServerTimeoutError", "ReadTimeoutError", "ConnectTimeout", "ProxyConnectionError",
 }  # fmt: skip
+# Where a storage failure comes from: an exception of one of these packages in the chain (a PermissionError of
+# wandb, a DNS error of a model download or a timeout of a tokenizer are not the storage's).
+_STORAGE_PACKAGES = {"botocore", "aiobotocore", "s3fs", "gcsfs", "adlfs", "azure", "fsspec", "aiohttp"}
 
 
-def storage_failure(exc: BaseException) -> str | None:
-    """Why storage failed (one of `_FIXES`' causes), from an exception and its chain; None for anything else."""
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, its cause and its context, as Python would print them."""
     chain: list[BaseException] = []
     e: BaseException | None = exc
     while e is not None and e not in chain:
         chain.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ or (None if e.__suppress_context__ else e.__context__)
+    return chain
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute path of a local URL (a plain path or file://), None for any other protocol."""
+    if url.startswith("file://"):
+        url = url[len("file://") :]
+    elif "://" in url or "::" in url:
+        return None
+    return os.path.abspath(url)
+
+
+def _about(e: BaseException, path: str) -> bool:
+    """Whether `e` is an OSError about `path`, a file below it or a folder above it (creating it failed)."""
+    name = getattr(e, "filename", None)
+    if not isinstance(e, OSError) or not isinstance(name, str):
+        return False
+    name = os.path.abspath(name)
+    return name == path or name.startswith(path.rstrip("/") + "/") or path.startswith(name.rstrip("/") + "/")
+
+
+def storage_failure(exc: BaseException, url: str | None = None) -> str | None:
+    """Why storage failed (one of `_FIXES`' causes), from an exception and its chain; None for anything else.
+
+    Only failures of a storage library count, and with a local `url` also an OSError about that path (permission
+    denied, a file in the way, read-only, full)."""
+    chain = _chain(exc)
+    local = _local_path(url) if url is not None else None
+    if local is not None:
+        for e in chain:
+            if _about(e, local) and getattr(e, "errno", None) in _LOCAL_CAUSES:
+                return _LOCAL_CAUSES[e.errno]  # type: ignore[attr-defined]
+    if not any(type(e).__module__.split(".")[0] in _STORAGE_PACKAGES for e in chain):
+        return None
     names = {type(e).__name__ for e in chain}
     text = " ".join(str(e) for e in chain)
     if names & _CREDENTIALS or "Unable to locate credentials" in text:
@@ -80,6 +128,7 @@ def storage_failure(exc: BaseException) -> str | None:
 
 
 def describe_failure(cause: str) -> str:
+    """A cause of `storage_failure` and its fix, as one phrase."""
     return f"{cause}: {_FIXES[cause]}"
 
 
@@ -91,7 +140,7 @@ def user_url(role: str, url: str) -> Iterator[None]:
     except GanpipeError:
         raise
     except Exception as e:
-        cause = storage_failure(e)
+        cause = storage_failure(e, url)
         if cause is None:
             raise
         raise StorageError(f"{role} {url!r}: {describe_failure(cause)}") from None
@@ -180,6 +229,7 @@ __all__ = [
     "StorageError",
     "append_line",
     "append_text",
+    "describe_failure",
     "is_object_store",
     "is_temporary",
     "protocols",

@@ -100,10 +100,41 @@ def test_unreachable_endpoint(tmp_path: Path) -> None:
     assert line.startswith("ganpipe: error: run_dir 's3://some-bucket/run': the endpoint cannot be reached")
 
 
-def test_other_errors_are_not_called_storage_failures() -> None:
+def test_only_storage_failures_are_called_storage_failures(tmp_path: Path) -> None:
+    from botocore.exceptions import ClientError
+
     assert storage_failure(ValueError("bad value")) is None
     assert storage_failure(FileNotFoundError("/nowhere")) is None
+    missing = ClientError({"Error": {"Code": "NoSuchBucket", "Message": "The specified bucket does not exist"}}, "Get")
     try:
-        raise FileNotFoundError("The specified bucket does not exist") from ValueError("NoSuchBucket")
+        raise FileNotFoundError("s3://missing/x") from missing  # what s3fs raises
     except FileNotFoundError as e:
         assert storage_failure(e) == "no such bucket"
+    # A PermissionError, DNS failure or timeout of something else (wandb, a download) is not the storage's.
+    elsewhere = PermissionError(13, "Permission denied", "/dev/shm/wandb-123")
+    assert storage_failure(elsewhere) is None and storage_failure(elsewhere, str(tmp_path / "run")) is None
+    assert storage_failure(socket.gaierror(-2, "Name or service not known")) is None
+    # ... but one about the URL the user gave is: a file below it, or a folder above it that could not be made.
+    assert storage_failure(PermissionError(13, "denied", str(tmp_path / "run" / "x.pt")), str(tmp_path / "run")) == (
+        "permission denied"
+    )
+    assert (
+        storage_failure(PermissionError(13, "denied", str(tmp_path)), f"file://{tmp_path}/run") == "permission denied"
+    )
+    # A chain that hides its context (raise ... from None) hides it here too.
+    try:
+        try:
+            raise missing
+        except ClientError:
+            raise ValueError("a bad config value") from None
+    except ValueError as e:
+        assert storage_failure(e) is None
+
+
+def test_a_read_only_local_run_dir_is_one_line(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root writes anywhere: make the parent a file instead, which no one can write below
+        (tmp_path / "parent").write_text("a file, not a folder")
+    else:
+        (tmp_path / "parent").mkdir(mode=0o500)
+    line = _one_line(_train(tmp_path, dict(os.environ), f"run_dir={tmp_path / 'parent' / 'run'}"))
+    assert line.startswith(f"ganpipe: error: run_dir '{tmp_path / 'parent' / 'run'}': ")

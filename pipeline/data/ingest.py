@@ -18,7 +18,8 @@ Contract:
 - One dataset per `OUT`: the settings of a run (source, layout, resolution, transform, format, quality, shard
   size, seed) are recorded in `OUT/_progress/settings.json`; a run into an `OUT` that holds another dataset, or
   files `ganpipe data shards` did not write, is refused in one line naming the first difference, unless
-  `overwrite`, which removes the old shards, progress records and manifest first.
+  `overwrite`: that removes the old dataset's shards, progress records and manifest first, and nothing else (in a
+  folder of other files it deletes nothing).
 - An unreadable source image is skipped and listed (reason included) in `OUT/report.json`, never fatal.
 - `manifest.json` is written last, when every shard is complete.
 """
@@ -31,6 +32,8 @@ import hashlib
 import io
 import json
 import logging
+import os
+import re
 import uuid
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +42,7 @@ from typing import Any, Literal
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 from webdataset import TarWriter
 
@@ -356,30 +360,52 @@ def _estimate_samples_per_shard(listing: _Listing, order: np.ndarray, options: S
     return max(1, int(options.shard_size // per_sample))
 
 
+def _canonical_url(url: str) -> str:
+    """One spelling per location: a relative and an absolute path to one folder give the same URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol(os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path)
+
+
+_OWN_FILES = ("_progress", "manifest.json", "report.json", "classes.json")
+
+
 def _claim_out(fs: fsspec.AbstractFileSystem, root: str, out: str, settings: dict[str, Any], overwrite: bool) -> None:
-    """Make `out` this run's: refuse another dataset's folder (see the module docstring), or clear it."""
+    """Make `out` this run's: refuse another dataset's folder (see the module docstring), or with `overwrite` take
+    it, deleting only what `ganpipe data shards` wrote there."""
     fs.invalidate_cache(root)
     entries = fs.ls(root, detail=False) if fs.exists(root) else []
+    names = {entry.rstrip("/").rsplit("/", 1)[-1]: entry for entry in entries}
     known = _read_json(fs, f"{root}/_progress/settings.json")
-    difference = None
+    ours = known is not None or "_progress" in names or _read_json(fs, f"{root}/manifest.json") is not None
     if known is not None:
         difference = next((k for k in settings if known.get(k) != settings[k]), None)
-    elif entries:
-        difference = "contents"
+    elif ours:
+        difference = "settings"  # written by a ganpipe that kept no settings record
+    else:
+        difference = "contents" if entries else None
     if difference is not None and not overwrite:
         if difference == "contents":
             raise DatasetError(
-                f"--out {out!r} is not empty and was not written by `ganpipe data shards`: choose an empty --out, "
-                "or pass --overwrite to write into it anyway"
+                f"--out {out!r} is not empty and was not written by `ganpipe data shards`: choose an empty --out, or "
+                "pass --overwrite to write into it anyway (nothing in it is deleted; files with a shard's name are "
+                "replaced)"
+            )
+        if difference == "settings":
+            raise DatasetError(
+                f"--out {out!r} holds a dataset written by an earlier ganpipe, whose settings are not recorded: "
+                "choose another --out, or pass --overwrite to replace it"
             )
         raise DatasetError(
             f"--out {out!r} holds a dataset written with {difference}={known[difference]!r}, not "
             f"{settings[difference]!r}: choose another --out, or pass --overwrite to replace it"
         )
-    if difference is not None:  # --overwrite: the old dataset goes
-        for entry in entries:
-            name = entry.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(".tar") or name in ("_progress", "manifest.json", "report.json", "classes.json"):
+    if difference is not None and ours:  # --overwrite: the old dataset goes, and nothing else
+        manifest = _read_json(fs, f"{root}/manifest.json") or {}
+        listed = {str(shard.get("name")) for shard in manifest.get("shards", []) if isinstance(shard, dict)}
+        prefixes = {settings["prefix"], *([known["prefix"]] if known and "prefix" in known else [])}
+        pattern = re.compile(rf"({'|'.join(re.escape(p) for p in prefixes)})-\d{{6}}\.tar")
+        for name, entry in names.items():
+            if name in _OWN_FILES or name in listed or pattern.fullmatch(name):
                 fs.rm(entry, recursive=True)
         log.info("--overwrite: removed the dataset that was in %s", out)
     fs.makedirs(f"{root}/_progress", exist_ok=True)
@@ -389,6 +415,7 @@ def _claim_out(fs: fsspec.AbstractFileSystem, root: str, out: str, settings: dic
 def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> ShardsReport:
     """Write `src` (in `layout`) as shards + manifest to `out`; see the module docstring."""
     options.validate()
+    src = _canonical_url(src)  # the same folder spelt two ways is the same source (settings, plans)
     listing = list_sources(src, layout)
     n = len(listing.items)
     order = np.random.default_rng([options.seed, 0x5EED]).permutation(n)
@@ -403,9 +430,9 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
     ]
     fs, root = fsspec.core.url_to_fs(out)
     root = root.rstrip("/")
-    settings = {"source": src, "layout": layout, "resolution": options.resolution, "transform": options.transform,
-                "format": options.image_format, "quality": options.quality, "samples_per_shard": per_shard,
-                "seed": options.seed, "prefix": options.prefix}  # fmt: skip
+    settings = {"source": src, "layout": layout, "resolution": options.resolution,
+                "transform": options.transform, "format": options.image_format, "quality": options.quality,
+                "samples_per_shard": per_shard, "seed": options.seed, "prefix": options.prefix}  # fmt: skip
     _claim_out(fs, root, out, settings, options.overwrite)
     report = ShardsReport(manifest=None)  # type: ignore[arg-type]  # set below
     infos: dict[str, dict[str, Any]] = {}

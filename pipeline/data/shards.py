@@ -165,7 +165,7 @@ def read_manifest(url: str) -> Manifest:
         fs, path = fsspec.core.url_to_fs(murl)
         text = fs.cat_file(path)
     except Exception as e:  # fsspec's backends raise their own types (botocore, aiohttp, gcsfs)
-        cause = storage_failure(e)
+        cause = storage_failure(e, murl)
         if cause is not None:  # no credentials, no such bucket, rejected, unreachable: said the same everywhere
             raise DatasetError(f"cannot read {murl!r}: {describe_failure(cause)}") from None
         if isinstance(e, FileNotFoundError):

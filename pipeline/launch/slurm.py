@@ -14,9 +14,10 @@ Contract
       applied) written into the run dir at submission, `RUN_DIR/submitted/config-TIMESTAMP.yaml`: a requeue trains
       exactly what was submitted, even if the recipe file changed since. The run dir is fixed at submission, so a
       requeued job (and a resubmission of the same command, which freezes its own copy) continues it.
-    * `submit(..., dry_run=True)` returns the script without touching Slurm or the run dir; otherwise it writes the
-      frozen config and the script (`LOG_DIR/NAME.sbatch`), runs `sbatch --parsable` and returns the job id. No
-      `sbatch`, or Slurm refusing the job, raises `LaunchError` with one line.
+    * `submit(..., dry_run=True)` writes the frozen config (so the printed script can be submitted by hand) and
+      returns the script without touching Slurm; otherwise it also writes the script (`LOG_DIR/NAME.sbatch`), runs
+      `sbatch --parsable` and returns the job id. No `sbatch`, or Slurm refusing the job, raises `LaunchError` with
+      one line.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,13 +171,7 @@ def prepare(req: SubmitRequest) -> Submission:
         f"train.requeue_signal={profile.signal}",
     ]
     overrides = [o for o in req.overrides if o.split("=", 1)[0] != "run_dir"] + launch
-    cfg = load_config(recipe, overrides)
-    ranks = profile.ntasks_per_node * profile.nodes
-    if cfg.data.batch_size % ranks != 0:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} does not split over {ranks} ranks "
-            f"({profile.nodes} node(s) x {profile.ntasks_per_node} task(s)): make it a multiple of {ranks}"
-        )
+    cfg = load_config(recipe, overrides)  # validated: e.g. data.batch_size must split over the job's ranks
 
     job_name = req.job_name or re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(run_dir.rstrip("/")).name) or "ganpipe"
     if profile.log_dir:
@@ -191,7 +187,8 @@ def prepare(req: SubmitRequest) -> Submission:
             srun_args.append(f"--container-mounts={','.join(profile.container_mounts)}")
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    frozen = f"{run_dir.rstrip('/')}/submitted/config-{stamp}.yaml"
+    # The suffix keeps two submissions in the same second apart.
+    frozen = f"{run_dir.rstrip('/')}/submitted/config-{stamp}-{uuid.uuid4().hex[:6]}.yaml"
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False)
     env.filters["q"] = lambda v: shlex.quote(str(v))
     template = env.from_string(DEFAULT_TEMPLATE.read_text())
@@ -238,12 +235,13 @@ def frozen_yaml(cfg: Config) -> str:
 def submit(req: SubmitRequest, dry_run: bool = False, sbatch: str = "sbatch") -> Submission:
     """Render the job script and, unless `dry_run`, submit it with `sbatch`; see the module docstring."""
     sub = prepare(req)
+    exe = shutil.which(sbatch)
+    if exe is None and not dry_run:
+        raise LaunchError(f"'{sbatch}' not found: run on a Slurm login node, or print the script with --dry-run")
+    publish_atomic(sub.frozen_config, frozen_yaml(sub.config).encode())  # the script trains from it
     if dry_run:
         return sub
-    exe = shutil.which(sbatch)
-    if exe is None:
-        raise LaunchError(f"'{sbatch}' not found: run on a Slurm login node, or print the script with --dry-run")
-    publish_atomic(sub.frozen_config, frozen_yaml(sub.config).encode())
+    assert exe is not None
     log_dir = Path(sub.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the folder of --output; without it, no log
     script_path = log_dir / f"{sub.job_name}.sbatch"

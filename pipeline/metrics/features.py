@@ -23,6 +23,7 @@ tests' gloo group); tensors travel on the GPU under NCCL and on the CPU otherwis
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -46,11 +47,28 @@ StopCheck = Callable[[], bool]  # polled between batches: True abandons the work
 
 
 class Abandoned(Exception):
-    """A feature pass gave up because `should_stop()` said so (a stop signal arrived): nothing is recorded."""
+    """A feature pass gave up because `should_stop()` said so on some rank (a stop signal arrived): raised on every
+    rank together, and nothing is recorded."""
 
 
-def _check(should_stop: StopCheck | None) -> None:
-    if should_stop is not None and should_stop():
+def _stopped(should_stop: StopCheck | None) -> bool:
+    return should_stop is not None and should_stop()
+
+
+def _agree_on_stop(should_stop: StopCheck | None, stopped: bool) -> None:
+    """Every rank ends a pass here, before its first collective: `Abandoned` on all ranks if any of them stopped.
+
+    A rank leaves its loop early when its own `should_stop()` turns true; one that saw no signal finishes its
+    share. Deciding together (one all-reduce MAX) keeps the ranks' collectives matched: a rank that raised alone
+    would wait at the next step's all-reduce while the others wait in the gather, until the timeout."""
+    if should_stop is None:  # the same on every rank: nothing to agree on
+        return
+    _, size = world()
+    if size > 1:
+        flag = torch.tensor([int(stopped)], device=_comm_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopped = bool(flag.item())
+    if stopped:
         raise Abandoned
 
 
@@ -133,7 +151,7 @@ def real_features(
     should_stop: StopCheck | None = None,
 ) -> Features:
     """Features of the first `num_real` reals (None = all), every rank reading its share of the shards; `Abandoned`
-    between batches once `should_stop()` is true.
+    (on every rank) once `should_stop()`, polled between batches, is true on any rank.
 
     "The first N" are the first N sample keys of the fewest leading shards (manifest order) that hold N samples,
     so a non-full metric reads about N images, not the whole dataset; without shard counts (a bare shard
@@ -152,16 +170,20 @@ def real_features(
     keys: list[str] = []
     chunks: list[Tensor] = []
     bar = tqdm(desc="reals", unit="img", disable=not progress or rank != 0, leave=False)
-    for batch in reader:
-        _check(should_stop)
-        feats = extractor(batch["image"].to(device))["features"].cpu()
-        if streaming:
-            stats.add(feats)
-        else:
-            keys.extend(batch["key"])
-            chunks.append(feats)
-        bar.update(feats.shape[0])
+    stopped = False
+    with contextlib.closing(iter(reader)) as batches:  # closed at once when stopped: its workers end now
+        for batch in batches:
+            if stopped := _stopped(should_stop):
+                break
+            feats = extractor(batch["image"].to(device))["features"].cpu()
+            if streaming:
+                stats.add(feats)
+            else:
+                keys.extend(batch["key"])
+                chunks.append(feats)
+            bar.update(feats.shape[0])
     bar.close()
+    _agree_on_stop(should_stop, stopped)
     if reader.stats.num_bad:
         log.warning("skipped %d unusable real images while computing features: %s", reader.stats.num_bad,
                     {k: v for k, v in reader.stats.bad.items() if v})  # fmt: skip
@@ -197,14 +219,16 @@ def generated_features(
     should_stop: StopCheck | None = None,
 ) -> Features:
     """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order; `Abandoned`
-    between batches once `should_stop()` is true."""
+    (on every rank) once `should_stop()`, polled between batches, is true on any rank."""
     rank, size = world()
     lo, hi = rank * num // size, (rank + 1) * num // size
     device = torch.device(device)
     feats, logits = [], []
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
+    stopped = False
     for start in range(lo, hi, batch_size):
-        _check(should_stop)
+        if stopped := _stopped(should_stop):
+            break
         generators = eval_generators(range(start, min(start + batch_size, hi)), seed)
         z = sampler.latents_from(generators)  # each generator gives its image's z first, then its conditioning
         c = sampler.conditioning.for_eval(generators, device)
@@ -215,6 +239,7 @@ def generated_features(
             logits.append(out["logits"].cpu())
         bar.update(z.shape[0] * size)
     bar.close()
+    _agree_on_stop(should_stop, stopped)
     f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, extractor.dim)))
     lg = None
     if keep_logits:

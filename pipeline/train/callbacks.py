@@ -102,7 +102,7 @@ class SampleGrid(L.Callback):
             grid = save_image_grid(
                 batch["image"][:n].float() / 127.5 - 1, f"{self.samples_dir}/reals.png", self._grid(n)
             )
-            log_image(trainer.loggers, "samples/reals", grid, task.step_idx)
+            log_image(trainer.loggers, "samples/reals", grid, task.log_step)
             self._wrote_reals = True
         if crossed(self._prev_nimg, task.cur_nimg, self.every_kimg):
             self.write_fakes(trainer, task)
@@ -136,5 +136,5 @@ class SampleGrid(L.Callback):
         images = torch.cat(chunks)
         url = f"{self.samples_dir}/fakes{task.cur_nimg // 1000:06d}.png"
         grid = save_image_grid(images, url, (self.rows, self.cols))
-        log_image(trainer.loggers, "samples/fakes", grid, task.step_idx)
+        log_image(trainer.loggers, "samples/fakes", grid, task.log_step)
         log.info("wrote sample grid %s", url)

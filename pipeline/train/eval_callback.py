@@ -95,12 +95,12 @@ class EvalCallback(L.Callback):
         seconds = time.perf_counter() - t0
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({f"metrics/{k}": v for k, v in results.items()}, step=trainer.global_step)
+                logger.log_metrics({f"metrics/{k}": v for k, v in results.items()}, step=task.log_step)
                 logger.save()
             record = {
                 "kimg": kimg,
                 "cur_nimg": task.cur_nimg,
-                "step": trainer.global_step,
+                "step": task.log_step,
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "seconds": round(seconds, 3),
                 "num_ranks": trainer.world_size,

@@ -2,21 +2,26 @@
 anything until it stops, and keeps the lease alive with a heartbeat.
 
 Contract
-    * The lease names its holder: the Slurm job id (or torchrun's run id) when there is one, the host, the pid, a
-      random token, when it was taken and its last heartbeat (UNIX seconds). The holder rewrites it every
-      `heartbeat_s` from a daemon thread.
+    * The lease names its holder: the Slurm job id (or torchrun's run id) and how often that job was restarted,
+      the host, the pid, a random token, when it was taken and its last heartbeat (UNIX seconds). The holder
+      rewrites it every `heartbeat_s` from a daemon thread; a failed heartbeat is logged once per failure streak.
     * `acquire()`, by global rank 0 only (the other ranks write nothing):
         - no lease: take it;
-        - a lease of the same Slurm job (a requeued job restarts on another host or pid): take it back;
+        - a lease of an earlier start of this job (the same job with a lower restart count: Slurm's
+          SLURM_RESTART_COUNT, torchrun's TORCHELASTIC_RESTART_COUNT): take it back. Two trainings of one job
+          at the same count (two `srun` steps, two runs in one `salloc` shell, torchrun's static run id "none")
+          are different writers: the later one is refused;
         - a lease whose holder is gone (this host, and its pid no longer runs) or silent (no heartbeat for
-          `stale_s`): take it over, and say whose it was;
+          `stale_s`; an unreadable lease counts as silent since it was last modified): take it over, and say whose;
         - else refuse with `RunDirLocked`: one line naming the holder and what to do.
-      Taking is race-safe. A new lease on a local file system is created with O_EXCL, so of two starters one wins.
-      Elsewhere (object stores, shared file systems through fsspec), and when taking over, the lease is published
-      and read back after `settle_s`; a starter that finds another's token there lost the race and refuses.
-    * A heartbeat that finds the lease in another's hands sets `lost`; `LockWatch` then stops training at the next
-      step with a one-line error, so two writers never continue side by side. `release()` stops the heartbeat and
-      deletes the lease if it is still ours.
+      Taking is race-safe. On a local file system a new lease is written whole under a temporary name and then
+      hard-linked to its name, which fails when a lease exists, so of two starters one wins and no starter ever
+      reads a half-written lease. Elsewhere (object stores, shared file systems through fsspec), and when taking
+      over, the lease is published and read back after `settle_s`; a starter that finds another's token there lost
+      the race and refuses.
+    * A heartbeat that finds the lease in another's hands records it; `lost_reason()` then says so in one line, and
+      the preemption callback stops every rank at the next step (`RunDirLost`), so two writers never continue side
+      by side. `release()` stops the heartbeat and deletes the lease if it is still ours.
 """
 
 from __future__ import annotations
@@ -30,14 +35,13 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import fsspec
-import lightning as L
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.errors import GanpipeError
 from pipeline.storage import publish_atomic
+from pipeline.train.preemption import slurm_job_id
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +52,21 @@ class RunDirLocked(GanpipeError, RuntimeError):
     """Another training holds the run dir, or took it over from this one."""
 
 
-def current_job_id() -> str | None:
-    """The scheduler's id of this job, the same for every restart of it: Slurm's, or torchrun's run id."""
-    array_job, array_task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
-    if array_job and array_task:
-        return f"slurm:{array_job}_{array_task}"
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm:{os.environ['SLURM_JOB_ID']}"
-    if os.environ.get("TORCHELASTIC_RUN_ID"):
-        return f"torchrun:{os.environ['TORCHELASTIC_RUN_ID']}"
-    return None
+def _count(name: str) -> int:
+    value = os.environ.get(name, "0")
+    return int(value) if value.isdigit() else 0
+
+
+def current_job() -> tuple[str | None, int]:
+    """(the scheduler's id of this job, the same for every restart of it; how often it was restarted): Slurm's job
+    (or array task), or torchrun's run id; (None, 0) outside both, and for torchrun's static run id "none"."""
+    slurm = slurm_job_id()
+    if slurm is not None:
+        return f"slurm:{slurm}", _count("SLURM_RESTART_COUNT")
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id and run_id != "none":
+        return f"torchrun:{run_id}", _count("TORCHELASTIC_RESTART_COUNT")
+    return None, 0
 
 
 @dataclass(frozen=True)
@@ -68,14 +77,17 @@ class Lease:
     job: str | None
     taken: float
     heartbeat: float
+    restart: int = 0  # the job's restart count when it took the lease
 
     def describe(self) -> str:
-        job = f"job {self.job}, " if self.job else ""
+        if not self.token:
+            return f"an unreadable lease, last modified {time.time() - self.heartbeat:.0f}s ago"
+        job = f"job {self.job}{f' (restart {self.restart})' if self.restart else ''}, " if self.job else ""
         return f"{job}pid {self.pid} on {self.host}, last heartbeat {time.time() - self.heartbeat:.0f}s ago"
 
     def gone(self) -> bool:
         """Its holder ran on this host and no longer does."""
-        if self.host != socket.gethostname():
+        if not self.token or self.host != socket.gethostname():
             return False
         try:
             os.kill(self.pid, 0)
@@ -107,14 +119,22 @@ class RunLock:
     # Reading and writing the lease --------------------------------------------------------------------------
 
     def read(self) -> Lease | None:
+        """The lease, None when there is none. One that cannot be parsed (someone else's file, or a write cut
+        short on a store without atomic rename) is a lease without a holder, silent since it was last modified."""
         self.fs.invalidate_cache(self.fs._parent(self.path))
         try:
             data = json.loads(self.fs.cat_file(self.path))
             return Lease(**data)
         except FileNotFoundError:
             return None
-        except (ValueError, TypeError):  # a lease cut short by a crash mid-write (only without atomic rename)
-            return None
+        except (ValueError, TypeError):
+            try:
+                modified = self.fs.modified(self.path).timestamp()
+            except FileNotFoundError:
+                return None
+            except (NotImplementedError, OSError, ValueError):
+                modified = time.time()
+            return Lease("", "", 0, None, modified, modified)
 
     def _write(self, lease: Lease) -> None:
         publish_atomic(self.path, json.dumps(asdict(lease)).encode(), fs=self.fs)
@@ -123,14 +143,17 @@ class RunLock:
         """Create the lease if there is none, atomically where the file system allows; False if one exists."""
         if isinstance(self.fs, LocalFileSystem):
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "w") as fh:
+            tmp = f"{self.path}.tmp-{lease.token}"
+            with open(tmp, "w") as fh:  # whole before it has the lease's name: nobody reads half of it
                 fh.write(json.dumps(asdict(lease)))
                 fh.flush()
                 os.fsync(fh.fileno())
+            try:
+                os.link(tmp, self.path)  # fails if a lease exists, atomically
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
             return True
         if self.fs.exists(self.path):
             return False
@@ -146,7 +169,8 @@ class RunLock:
 
     def acquire(self) -> None:
         now = time.time()
-        mine = Lease(secrets.token_hex(8), socket.gethostname(), os.getpid(), current_job_id(), now, now)
+        job, restart = current_job()
+        mine = Lease(secrets.token_hex(8), socket.gethostname(), os.getpid(), job, now, now, restart)
         if self._create_exclusive(mine):
             return self._hold(mine)
         held = self.read()
@@ -169,8 +193,9 @@ class RunLock:
         self._hold(mine)
 
     def _may_take(self, held: Lease) -> bool:
-        if held.job is not None and held.job == current_job_id():
-            log.info("run dir lock: taking back the lease of this job (%s) from its earlier run", held.job)
+        job, restart = current_job()
+        if held.job is not None and held.job == job and held.restart < restart:
+            log.info("run dir lock: taking back the lease of this job (%s) from its start %d", job, held.restart)
             return True
         if _pid_is_ours(held):
             return True
@@ -189,16 +214,36 @@ class RunLock:
         self._thread.start()
 
     def _beat(self) -> None:
+        failing = False
         while not self._stop.wait(self.heartbeat_s):
             assert self.lease is not None
-            found = self.read()
-            if found is not None and found.token != self.lease.token:
-                self.lost = found
-                log.error("run dir lock: %s took the run dir over from this training", found.describe())
-                return
-            self.lease = Lease(**{**asdict(self.lease), "heartbeat": time.time()})
-            with contextlib.suppress(Exception):  # a failed beat is retried at the next one
+            try:
+                found = self.read()
+                if found is not None and found.token != self.lease.token:
+                    self.lost = found
+                    log.error("run dir lock: %s took the run dir over from this training", found.describe())
+                    return
+                self.lease = Lease(**{**asdict(self.lease), "heartbeat": time.time()})
                 self._write(self.lease)
+            except Exception as e:  # retried at the next beat; said once, as a lease silent for stale_s is taken
+                if not failing:
+                    log.warning("run dir lock: heartbeat failed (%s: %s); retrying every %.0fs, and after %.0fs "
+                                "without one another training may take the run dir", type(e).__name__, e,
+                                self.heartbeat_s, self.stale_s)  # fmt: skip
+                failing = True
+            else:
+                if failing:
+                    log.info("run dir lock: heartbeat restored")
+                failing = False
+
+    def lost_reason(self) -> str | None:
+        """One line once another training took the run dir over from this one, else None."""
+        if self.lost is None:
+            return None
+        return (
+            f"run dir {self.run_dir!r} was taken over by another training ({self.lost.describe()}): stopped, so the "
+            "two do not write over each other"
+        )
 
     def release(self) -> None:
         self._stop.set()
@@ -212,18 +257,4 @@ class RunLock:
         self.lease = None
 
 
-class LockWatch(L.Callback):
-    """Stops training at the next step when the run dir lock was taken over (see the module docstring)."""
-
-    def __init__(self, lock: RunLock) -> None:
-        self.lock = lock
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.lock.lost is not None:
-            raise RunDirLocked(
-                f"run dir {self.lock.run_dir!r} was taken over by another training ({self.lock.lost.describe()}): "
-                "stopped, so the two do not write over each other"
-            )
-
-
-__all__ = ["LOCK_NAME", "Lease", "LockWatch", "RunDirLocked", "RunLock", "current_job_id"]
+__all__ = ["LOCK_NAME", "Lease", "RunDirLocked", "RunLock", "current_job"]

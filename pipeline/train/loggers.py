@@ -40,6 +40,15 @@ def _text(value: Any) -> str:
     return str(single) if float(single) == x else repr(x)
 
 
+def _read_header(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """The columns of the CSV at `path` (its first line); none when there is no file yet."""
+    try:
+        with fs.open(path, "r") as fh:
+            return next(csv.reader([fh.readline()]), [])
+    except FileNotFoundError:
+        return []
+
+
 class AppendingCSVLogger(Logger):
     """`RUN_DIR/logs/metrics.csv`, one row per logged step, kept across attempts (see the module docstring)."""
 
@@ -48,6 +57,7 @@ class AppendingCSVLogger(Logger):
         self.run_dir = run_dir.rstrip("/")
         self.url = f"{self.run_dir}/logs/metrics.csv"
         self._rows: list[dict[str, Any]] = []
+        self._header: list[str] | None = None  # the file's columns, once read
 
     @property
     def name(self) -> str:
@@ -76,28 +86,23 @@ class AppendingCSVLogger(Logger):
         if not self._rows:
             return
         fs, path = fsspec.core.url_to_fs(self.url)
-        existing: list[dict[str, str]] = []
-        header: list[str] = []
-        if fs.exists(path):
-            text = fs.cat_file(path).decode()
-            reader = csv.DictReader(io.StringIO(text))
-            header = list(reader.fieldnames or [])
-        columns = list(header)
+        if self._header is None:  # read once per attempt; afterwards this logger is the file's only writer
+            self._header = _read_header(fs, path)
+        columns = list(self._header)
         for row in self._rows:
             columns.extend(k for k in row if k not in columns)
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=columns, restval="", lineterminator="\n")
-        if columns != header:  # new columns (or a new file): the whole file again, every earlier row kept
-            if header:
-                existing = list(csv.DictReader(io.StringIO(text)))
+        if columns != self._header:  # new columns (or a new file): the whole file again, every earlier row kept
             writer.writeheader()
-            writer.writerows(existing)
+            if self._header:
+                writer.writerows(csv.DictReader(io.StringIO(fs.cat_file(path).decode())))
             writer.writerows(self._rows)
             publish_atomic(path, out.getvalue().encode(), fs=fs)
         else:
             writer.writerows(self._rows)
             append_text(self.url, out.getvalue())
-        self._rows = []
+        self._header, self._rows = columns, []
 
     @rank_zero_only
     def finalize(self, status: str) -> None:

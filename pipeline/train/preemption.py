@@ -13,13 +13,19 @@ Contract
     * At every step boundary all ranks agree (one all-reduce MAX of the request, so a signal seen by any rank
       counts for all, at the same step). When set: every rank takes part in the checkpoint (rank 0 writes it), the
       task is marked `preempted`, and the trainer stops after this step.
+    * The same all-reduce carries whether rank 0 lost its lease on the run dir (`pipeline.train.lock`): then every
+      rank raises `RunDirLost` at that step, writing nothing more, so no rank waits in a collective of a rank that
+      left.
+    * Lightning composes its own SIGTERM handler with ours while it sets up (its flag would stop the loop mid-step
+      and exit 0); `on_train_start` takes a SIGTERM it recorded over as ours and puts our handlers back alone.
     * After training has stopped, `requeue_if_requested` (called by `train()`) runs `scontrol requeue
       $SLURM_JOB_ID` on rank 0 when the requeue signal was received inside a Slurm job, so the job goes back to
       the queue and, restarted, resumes with `--resume auto`. SIGTERM does not requeue: Slurm requeues preempted
       and `scontrol requeue`d jobs itself, and `scancel` means stop.
     * `exit_code` is what `ganpipe train` exits with: 0 when training completed or the job requeued itself,
-      128 + the signal's number when a signal stopped it early (130 Ctrl-C, 143 SIGTERM, 138 USR1 outside
-      Slurm), so wrappers can tell "stopped early" from "done".
+      128 + the signal's number when a signal stopped it early, or arrived during the final evaluation (130
+      Ctrl-C, 143 SIGTERM, 138 the pre-timeout signal outside Slurm or when `scontrol requeue` failed), so wrappers
+      can tell "stopped early" from "done".
     * A time limit reached without any signal loses the work since the last periodic checkpoint.
 """
 
@@ -32,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -39,12 +46,18 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import GanpipeError
+
 log = logging.getLogger(__name__)
 
 # Stop requests, by strength (ranks agree on the strongest any of them saw).
 _INTERRUPT = 1  # SIGINT: checkpoint and stop
 _TERMINATE = 2  # SIGTERM: checkpoint and stop
 _REQUEUE = 3  # the pre-timeout signal: checkpoint, requeue, stop
+
+
+class RunDirLost(GanpipeError, RuntimeError):
+    """Another training took the run dir over (rank 0's lease was taken): every rank stopped without writing."""
 
 
 def signal_from_name(name: str) -> signal.Signals:
@@ -58,12 +71,16 @@ class PreemptionCallback(L.Callback):
     `save` is the checkpoint callback's save function (called on every rank; it must contain the collectives of
     the checkpoint and write only on rank 0). Place this callback after the periodic checkpoint callback, so a
     checkpoint that was due at this step is not written twice. `install()` before `trainer.fit` (Lightning keeps
-    the handlers it finds and restores them after fit) and `uninstall()` after it.
+    the handlers it finds and restores them after fit) and `uninstall()` when training is over. `run_dir_lost`
+    (rank 0's lease watch) returns a one-line reason once another training took the run dir over, else None.
     """
 
-    def __init__(self, save: Any, requeue_signal: str | None = "USR1") -> None:
+    def __init__(
+        self, save: Any, requeue_signal: str | None = "USR1", run_dir_lost: Callable[[], str | None] | None = None
+    ) -> None:
         self.save = save
         self.requeue_signal = signal_from_name(requeue_signal) if requeue_signal else None
+        self.run_dir_lost = run_dir_lost
         self.received = 0  # the strongest request seen by this process
         self.decision = 0  # what all ranks agreed on
         self._previous: dict[signal.Signals, Any] = {}
@@ -105,15 +122,22 @@ class PreemptionCallback(L.Callback):
     # Lightning hooks ------------------------------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Lightning composed its own SIGTERM handler (which stops the loop mid-step) with ours while setting up: ours
-        # alone again.
+        # Lightning composed its own SIGTERM handler with ours while setting up. A SIGTERM it recorded becomes ours
+        # (its flag would end the loop without our checkpoint and exit 0), and ours handles signals alone again.
+        connector = trainer._signal_connector
+        if connector.received_sigterm:
+            self.received = max(self.received, _TERMINATE)
+            connector.received_sigterm = False
         self.install()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        flag = torch.tensor([self.received], dtype=torch.int32, device=pl_module.device)
+        reason = self.run_dir_lost() if self.run_dir_lost is not None else None
+        flag = torch.tensor([self.received, reason is not None], dtype=torch.int32, device=pl_module.device)
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        decision = int(flag.item())
+        decision, lost = (int(v) for v in flag.tolist())
+        if lost:  # another training writes into the run dir now: every rank stops here, writing nothing more
+            raise RunDirLost(reason or "another training took the run dir over (rank 0 lost its lease): stopped")
         if decision == 0:
             return
         self.decision = decision
@@ -126,29 +150,32 @@ class PreemptionCallback(L.Callback):
         trainer.should_stop = True
 
     @property
-    def signal_name(self) -> str:
-        if self.decision == _REQUEUE and self.requeue_signal is not None:
+    def _request(self) -> int:
+        # What the ranks agreed on at a step boundary; else a signal that came after the last one (during the
+        # final evaluation), which ended no step but still cut the run's work short.
+        return self.decision or self.received
+
+    @property
+    def signal_name(self) -> str | None:
+        """The signal that stopped training early, in words; None when none did."""
+        if not self._request:
+            return None
+        if self._request == _REQUEUE and self.requeue_signal is not None:
             return "pre-timeout signal"
-        return {_INTERRUPT: "Ctrl-C (SIGINT)", _TERMINATE: "SIGTERM"}.get(self.decision, "stop signal")
+        return {_INTERRUPT: "Ctrl-C (SIGINT)", _TERMINATE: "SIGTERM"}[self._request]
 
     @property
     def requeue_requested(self) -> bool:
         return self.decision == _REQUEUE
 
-    def exit_code(self) -> int:
-        """0 when training was not stopped early, or when the pre-timeout signal stopped a Slurm job (it requeues
-        itself; every task leaves cleanly); else 128 + the signal's number."""
-        if not self.decision:
+    def exit_code(self, requeued: bool = False) -> int:
+        """0 when no signal cut the run short, or when the pre-timeout signal stopped a Slurm job that `requeued`
+        itself (every task leaves cleanly); else 128 + the signal's number."""
+        if not self._request:
             return 0
-        if self.decision == _REQUEUE and self.requeue_signal is not None:
-            return 0 if slurm_job_id() is not None else 128 + int(self.requeue_signal)
-        return 128 + int(signal.SIGINT if self.decision == _INTERRUPT else signal.SIGTERM)
-
-    def keep_handlers(self) -> bool:
-        """Stopped by a signal: the process is on its way out, so the handlers stay. Another Ctrl-C still exits at
-        once with 130, and the SIGTERM of a Slurm requeue (or the rest of Slurm's kill sequence) does not cut the
-        exit short."""
-        return bool(self.decision)
+        if self._request == _REQUEUE and self.requeue_signal is not None:
+            return 0 if requeued else 128 + int(self.requeue_signal)
+        return 128 + int(signal.SIGINT if self._request == _INTERRUPT else signal.SIGTERM)
 
 
 def slurm_job_id() -> str | None:

@@ -42,7 +42,7 @@ from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
 from pipeline.train.console import ConsoleTicks, on_terminal
 from pipeline.train.distributed import is_global_zero_from_env, leave_process_group, slurm_environment
 from pipeline.train.eval_callback import EvalCallback
-from pipeline.train.lock import LockWatch, RunLock
+from pipeline.train.lock import RunLock
 from pipeline.train.loggers import build_loggers, finish_wandb
 from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
 from pipeline.train.strategy import GradientSync, build_sync
@@ -59,7 +59,7 @@ class TrainResult:
     kimg: float
     preempted: bool = False  # stopped early by Ctrl-C, SIGTERM or the pre-timeout signal (with a checkpoint)
     requeued: bool = False  # ... and the Slurm job was requeued to continue
-    stopped_by: str | None = None  # what stopped it early, in words
+    stopped_by: str | None = None  # the signal that stopped it early (or cut its final evaluation short), in words
     exit_code: int = 0  # for `ganpipe train`: 0 done or requeued, else 128 + the stopping signal's number
 
 
@@ -196,6 +196,7 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], sync: GradientSync |
         callbacks=callbacks,
         enable_checkpointing=False,  # checkpoints are ours: atomic, kimg-based, weights_only-loadable
         enable_progress_bar=cfg.train.progress_bar and on_terminal(),  # elsewhere: tick lines (ConsoleTicks)
+        enable_model_summary=False,  # its table went to stdout on every start; the size line is ours (`_train`)
         log_every_n_steps=steps_per_log,
         use_distributed_sampler=False,  # the sampler already splits the stream across ranks
         num_sanity_val_steps=0,
@@ -253,6 +254,11 @@ def _train_holding_the_run_dir(cfg: Config, resume: str | None, url: str, lock: 
         fs.pipe_file(f"{run_path}/config.yaml", to_yaml(cfg).encode())
 
     task = GANTask(cfg)
+    if is_global_zero_from_env():
+        sizes = {name: sum(p.numel() for p in net.parameters()) for name, net in task.named_children()}
+        log.info(
+            "%s networks: %s parameters", cfg.family, ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in sizes.items() if n)
+        )
     if state is not None:
         assert ckpt_url is not None
         _check_compatible(cfg, state, ckpt_url)
@@ -266,11 +272,11 @@ def _train_holding_the_run_dir(cfg: Config, resume: str | None, url: str, lock: 
         log.info(
             "run already at %.1f kimg >= train.total_kimg=%s: nothing to do", task.cur_nimg / 1000, cfg.train.total_kimg
         )
-        return TrainResult(cfg.run_dir, ckpt_url, task.cur_nimg / 1000)
+        return TrainResult(run_dir=cfg.run_dir, checkpoint=ckpt_url, kimg=task.cur_nimg / 1000)
 
     t = cfg.train
     checkpointer = KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last)
-    preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal)
+    preemption = PreemptionCallback(checkpointer.save_once, t.requeue_signal, lock.lost_reason if lock else None)
     stop = preemption.requested  # long work between steps gives up when a stop signal arrives
     callbacks: list[L.Callback] = [
         checkpointer,
@@ -280,25 +286,26 @@ def _train_holding_the_run_dir(cfg: Config, resume: str | None, url: str, lock: 
         callbacks.append(EvalCallback(cfg, url, should_stop=stop))
     if not (t.progress_bar and on_terminal()):
         callbacks.append(ConsoleTicks(t.log_every_kimg))
-    if lock is not None:
-        callbacks.append(LockWatch(lock))
     callbacks.append(preemption)  # last: a checkpoint already due at this step is not written twice
     trainer = build_trainer(cfg, callbacks, task.sync)
-    preemption.install()  # Ctrl-C from here on checkpoints and stops (Lightning restores these after fit)
+    # Ctrl-C and SIGTERM from here on checkpoint and stop, until this attempt is over (its teardown included);
+    # handlers are never left behind in the caller's process.
+    preemption.install()
     try:
-        trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
+        try:
+            trainer.fit(task, datamodule=ShardDataModule(cfg, url, task.cur_nimg))
+        finally:
+            finish_wandb(trainer.loggers)
+        requeued = requeue_if_requested(preemption, trainer.is_global_zero)
+        leave_process_group()
     finally:
-        finish_wandb(trainer.loggers)
-        if not preemption.keep_handlers():
-            preemption.uninstall()
-    requeued = requeue_if_requested(preemption, trainer.is_global_zero)
-    leave_process_group()
+        preemption.uninstall()
     return TrainResult(
-        cfg.run_dir,
-        checkpointer.last_written or ckpt_url,
-        task.cur_nimg / 1000,
-        task.preempted,
-        requeued,
-        preemption.signal_name if task.preempted else None,
-        preemption.exit_code(),
+        run_dir=cfg.run_dir,
+        checkpoint=checkpointer.last_written or ckpt_url,
+        kimg=task.cur_nimg / 1000,
+        preempted=task.preempted,
+        requeued=requeued,
+        stopped_by=preemption.signal_name,
+        exit_code=preemption.exit_code(requeued),
     )

@@ -123,6 +123,12 @@ class GANTask(L.LightningModule):
         return self.trainer.world_size if self._trainer is not None else 1
 
     @property
+    def log_step(self) -> int:
+        """The loggers' x of what is logged now: the step just taken (its scalars went out at this x), 0 before the
+        first. Evaluations and sample grids use it so they line up with the losses of the same moment."""
+        return max(self.step_idx - 1, 0)
+
+    @property
     def batch_per_rank(self) -> int:
         return self.cfg.data.batch_size // self.world_size
 

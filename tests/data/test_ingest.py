@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -71,9 +72,22 @@ def test_an_out_folder_holds_one_dataset(tmp_path: Path) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("someone else's files")
+    (foreign / "other-000000.tar").write_text("someone else's tar")
     with pytest.raises(DatasetError, match="is not empty and was not written by `ganpipe data shards`"):
         write_shards(str(src), str(foreign), "folder", OPTS)
-    assert (foreign / "notes.txt").exists()
+    written = write_shards(str(src), str(foreign), "folder", dataclasses.replace(OPTS, overwrite=True))
+    assert len(written.written) == 3
+    assert (foreign / "notes.txt").exists() and (foreign / "other-000000.tar").exists()  # --overwrite deleted nothing
+    # Replacing a ganpipe dataset deletes its own files only, and a relative path is the same source.
+    (out / "mine.txt").write_text("kept")
+    again = write_shards(os.path.relpath(src), str(out), "folder", dataclasses.replace(OPTS, resolution=32))
+    assert again.written == []
+    write_shards(str(src), str(out), "folder", dataclasses.replace(OPTS, resolution=16, overwrite=True))
+    assert (out / "mine.txt").exists()
+    # A dataset of an earlier ganpipe (no settings record) is ours: refused, then replaced with --overwrite.
+    (out / "_progress" / "settings.json").unlink()
+    with pytest.raises(DatasetError, match="written by an earlier ganpipe"):
+        write_shards(str(src), str(out), "folder", OPTS)
 
 
 def test_classes_layout_with_and_without_classes_json(tmp_path: Path) -> None:

@@ -24,22 +24,26 @@ def test_dry_run_prints_a_complete_sbatch_script(capsys, tmp_path) -> None:
         "#SBATCH --open-mode=append",
         f"#SBATCH --output={tmp_path / 'x'}/slurm/%x-%j.out",
         "export MASTER_PORT=$(( 15000 + SLURM_JOB_ID % 20000 ))",
-        "export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK",
         f"train {tmp_path / 'x'}/submitted/config-",
         "--resume auto",
     ]:
         assert line in script, line
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=1 " in script
-    assert not (tmp_path / "x").exists()  # a dry run writes nothing
+    # A dry run writes the config its script trains from (so `sbatch` on the printed script works), nothing else.
+    (frozen,) = (tmp_path / "x" / "submitted").iterdir()
+    assert f"train {frozen} --resume auto" in script
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["submitted"]
 
 
-def test_module_and_setup_lines_run_before_strict_mode(tmp_path) -> None:
+def test_module_and_setup_lines_fail_the_job_but_may_read_unset_variables(tmp_path) -> None:
     profile = tmp_path / "gpu.yaml"
     profile.write_text("gpus_per_node: 4\nmodules: [cuda/12.4]\nsetup: ['source ~/venv/bin/activate']\n")
     script = prepare(SubmitRequest(TINY_RECIPE, str(profile), [f"run_dir={tmp_path / 'x'}"])).script
     lines = script.splitlines()
-    strict = lines.index("set -euo pipefail")
-    assert lines.index("module load cuda/12.4") < strict and lines.index("source ~/venv/bin/activate") < strict
+    # A failing module load ends the job; unset variables are fatal only after the modules and setup lines.
+    errexit, nounset = lines.index("set -eo pipefail"), lines.index("set -u")
+    for line in ("module load cuda/12.4", "source ~/venv/bin/activate"):
+        assert errexit < lines.index(line) < nounset
     assert "export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}" in script
     assert "NCCL_ASYNC_ERROR_HANDLING=" not in script.replace("TORCH_NCCL_ASYNC_ERROR_HANDLING=", "")
 

@@ -4,6 +4,7 @@ logs a new column), TensorBoard's scalars and sample grids continue, and the log
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,27 @@ def _rows(run_dir: str) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+EVAL_EVERY_2_STEPS = ["eval.metrics=[fid16_full]", "eval.extractor=small", "eval.every_kimg=0.016"]
+
+
 def test_csv_keeps_every_attempt_and_a_new_column(make_config) -> None:
-    first = make_config(*LOG_EVERY_STEP, "train.total_kimg=0.016")
+    first = make_config(*LOG_EVERY_STEP, *EVAL_EVERY_2_STEPS, "train.total_kimg=0.016")
     train(first)
-    assert [r["kimg"] for r in _rows(first.run_dir)] == ["0.008", "0.016"]
+    assert [r["kimg"] for r in _rows(first.run_dir) if r["kimg"]] == ["0.008", "0.016"]
     # The resumed attempt turns ADA on: a column the file did not have (Augment/p).
-    second = make_config(*LOG_EVERY_STEP, "train.total_kimg=0.032", "augment.kind=ada")
+    second = make_config(*LOG_EVERY_STEP, *EVAL_EVERY_2_STEPS, "train.total_kimg=0.032", "augment.kind=ada")
     train(second, resume="auto")
     rows = _rows(second.run_dir)
-    assert [r["kimg"] for r in rows] == ["0.008", "0.016", "0.024", "0.032"]  # both attempts, in order
-    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3]  # the step continues
-    assert [r["Augment/p"] for r in rows[:2]] == ["", ""] and all(r["Augment/p"] for r in rows[2:])
-    assert all(r["Loss/D/loss"] for r in rows)  # the first attempt's values survived the rewrite
+    steps = [r for r in rows if r["kimg"]]
+    assert [r["kimg"] for r in steps] == ["0.008", "0.016", "0.024", "0.032"]  # both attempts, in order
+    assert [int(r["step"]) for r in steps] == [0, 1, 2, 3]  # the step continues
+    assert [r["Augment/p"] for r in steps[:2]] == ["", ""] and all(r["Augment/p"] for r in steps[2:])
+    assert all(r["Loss/D/loss"] for r in steps)  # the first attempt's values survived the rewrite
+    # Evaluations sit at the step of the kimg they evaluated, in both attempts (not at a count that restarts).
+    evaluations = [int(r["step"]) for r in rows if r["metrics/fid16_full"]]
+    assert evaluations == [1, 3]
+    with open(f"{second.run_dir}/metrics.jsonl") as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 3]
 
 
 def test_csv_logger_appends_and_widens(tmp_path: Path) -> None:
@@ -53,6 +63,7 @@ def test_tensorboard_scalars_and_sample_grids_continue(make_config) -> None:
     events = EventAccumulator(f"{cfg.run_dir}/logs/tensorboard", size_guidance={"images": 0, "scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("Loss/G/loss")] == [0, 1, 2, 3]
     assert [e.value for e in events.Scalars("kimg")] == pytest.approx([0.008, 0.016, 0.024, 0.032])
+    # Grids at the step whose kimg they show: 0 (before training), then kimg 0.016 (step 1) and 0.032 (step 3).
     grids = events.Images("samples/fakes")
-    assert [e.step for e in grids] == [0, 2, 4] and events.Images("samples/reals")
+    assert [e.step for e in grids] == [0, 1, 3] and events.Images("samples/reals")
     assert len(list(Path(cfg.run_dir, "logs", "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per attempt

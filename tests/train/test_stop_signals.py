@@ -8,22 +8,25 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.checkpoint import list_checkpoints, load_checkpoint
+from pipeline.train import train
+from pipeline.train.preemption import PreemptionCallback, requeue_if_requested
 from tests.conftest import FAST_OVERRIDES, REPO, TINY_RECIPE
 
 
 class Run:
     """`ganpipe train` in a subprocess, its output in files."""
 
-    def __init__(self, tmp_path: Path, *overrides: str) -> None:
+    def __init__(self, tmp_path: Path, *overrides: str, program: tuple[str, ...] = ("-m", "pipeline.cli")) -> None:
         self.run_dir = tmp_path / "run"
         self.out, self.err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", TINY_RECIPE, *FAST_OVERRIDES, "train.total_kimg=50",
+        cmd = [sys.executable, *program, "train", TINY_RECIPE, *FAST_OVERRIDES, "train.total_kimg=50",
                f"run_dir={self.run_dir}", f"data.cache_dir={tmp_path / 'cache'}", *overrides]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.out, "w") as out, open(self.err, "w") as err:
@@ -88,3 +91,75 @@ def test_a_stop_during_an_evaluation_checkpoints_within_seconds(tmp_path) -> Non
     (ckpt,) = run.checkpoints()
     assert load_checkpoint(ckpt)["counters"]["cur_nimg"] == 16
     assert not (run.run_dir / "metrics.jsonl").exists()  # the abandoned evaluation is not recorded
+
+
+_SLOW_SETUP = """
+import sys, time
+from pipeline.cli import main
+from pipeline.train.run import ShardDataModule
+original = ShardDataModule.train_dataloader
+def slow(self):
+    print("setting up the data", file=sys.stderr, flush=True)
+    time.sleep(3)  # e.g. listing a remote dataset: Lightning's own SIGTERM handler is in front of ours now
+    return original(self)
+ShardDataModule.train_dataloader = slow
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_lightning_sets_up_checkpoints_at_the_first_step(tmp_path) -> None:
+    run = Run(tmp_path, program=("-c", _SLOW_SETUP))
+    run.wait_for(lambda: "setting up the data" in run.err.read_text())
+    exit_code, _ = run.stop(signal.SIGTERM)
+    err = run.err.read_text()
+    assert exit_code == 143 and "stopped early by SIGTERM" in err, err[-3000:]
+    (ckpt,) = run.checkpoints()
+    assert load_checkpoint(ckpt)["counters"]["cur_nimg"] == 8  # one step, then the checkpoint
+
+
+class _Trainer:
+    world_size, is_global_zero, should_stop = 1, True, False
+
+
+class _Task:
+    device, cur_nimg, preempted = "cpu", 8, False
+
+
+@pytest.mark.parametrize(("signum", "requeued", "code"), [(signal.SIGUSR1, True, 0), (signal.SIGUSR1, False, 138),
+                                                          (signal.SIGTERM, False, 143)])  # fmt: skip
+def test_exit_codes(signum, requeued, code) -> None:
+    saved = []
+    stop = PreemptionCallback(lambda *args: saved.append(args), requeue_signal="USR1")
+    stop._handler(signum, None)
+    trainer, task = _Trainer(), _Task()
+    stop.on_train_batch_end(trainer, task)
+    assert saved and trainer.should_stop and task.preempted
+    assert stop.exit_code(requeued) == code  # the pre-timeout signal exits 0 only when the job really requeued
+
+
+def test_a_failed_requeue_is_reported_not_raised(tmp_path, monkeypatch, caplog) -> None:
+    (tmp_path / "scontrol").write_text("#!/bin/sh\necho 'Invalid job id specified' >&2\nexit 1\n")
+    (tmp_path / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    stop = PreemptionCallback(lambda *args: None, requeue_signal="USR1")
+    stop._handler(signal.SIGUSR1, None)
+    stop.on_train_batch_end(_Trainer(), _Task())
+    assert requeue_if_requested(stop, is_global_zero=True) is False
+    assert "scontrol requeue 77 failed (Invalid job id specified)" in caplog.text
+
+
+def test_train_leaves_no_signal_handlers_behind(make_config) -> None:
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    cfg = make_config("train.total_kimg=0.4", "train.checkpoint_every_kimg=0.008")
+
+    def terminate_after_the_first_checkpoint() -> None:
+        while not list_checkpoints(cfg.run_dir):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    first = threading.Thread(target=terminate_after_the_first_checkpoint, daemon=True)
+    first.start()
+    result = train(cfg)
+    assert result.exit_code == 143 and result.preempted
+    assert {s: signal.getsignal(s) for s in before} == before
