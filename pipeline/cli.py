@@ -173,9 +173,19 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipeline.export import export_generator
+    from pipeline.export.derive import parse_formats
 
-    meta = export_generator(args.source, args.out)
+    formats = parse_formats(args.format)
+    meta = export_generator(args.source, args.out, formats, uint8=args.uint8, tolerance=args.tolerance)
     print(f"exported {meta.family} generator ({meta.resolution}px, {meta.kimg:.1f} kimg) to {args.out}")
+    for fmt in formats:
+        if fmt in meta.formats:
+            record = meta.formats[fmt]
+            files = ", ".join(name for graph in record["graphs"].values() for name in graph["files"])
+            checked = record["verified"]
+            unit = " levels" if checked["unit"] == "levels" else ""
+            print(f"  {fmt}: {files} (max |diff| to PyTorch {checked['max_abs_diff']:.2g}{unit}, batch sizes "
+                  f"{' and '.join(map(str, checked['batch_sizes']))} from one file)")  # fmt: skip
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -202,7 +212,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise SamplingError("generate needs --out GRID.png and/or --outdir DIR")
     sampler = args.sampler
     request = Request(class_idx=getattr(args, "class_idx", None), prompt=getattr(args, "prompt", None))
-    asked = {name: getattr(args, name) for name in _option_docs(type(sampler)) if getattr(args, name) is not None}
+    asked = {name: getattr(args, name) for name in sampler.offered_options() if getattr(args, name) is not None}
     options = sampler.Options(**asked)
     if getattr(args, "style_mix", None):
         rows, cols = (gen.parse_seeds(text, "--style-mix") for text in args.style_mix)
@@ -230,12 +240,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(f"wrote a grid of {len(seeds)} images to {args.out}")
 
 
-def _option_docs(sampler_cls: type) -> dict:
-    from pipeline.models.sampling import option_docs
-
-    return option_docs(sampler_cls.Options)
-
-
 class _OneLineErrors(argparse.ArgumentParser):
     """An argument parser whose errors are one `ganpipe: error:` line (via SamplingError), naming a flag that the
     loaded generator's family does not have instead of argparse's usage text."""
@@ -251,30 +255,40 @@ class _OneLineErrors(argparse.ArgumentParser):
         raise SamplingError(message)
 
 
-def generate_parser(sampler_cls: type | None = None, conditioning: Any = None,
-                    family: str = "") -> argparse.ArgumentParser:  # fmt: skip
-    """`ganpipe generate`'s arguments: with a loaded source's sampler class and its conditioning's request flags,
-    exactly the options that family has (and the request its conditioning takes); without, every option any
-    registered family has (the generic help)."""
+RUNTIMES = ("torch", "onnxruntime")
+
+
+def generate_parser(sampler: Any = None, conditioning: Any = None, family: str = "",
+                    runtime: str = "torch") -> argparse.ArgumentParser:  # fmt: skip
+    """`ganpipe generate`'s arguments. With a loaded source's sampler (a `Sampler`, or a `GraphSampler` for
+    `--runtime onnxruntime`) and its conditioning: exactly the options that sampler offers and the request its
+    conditioning takes; without, every option any registered family has (the generic help)."""
     from pipeline.families import family_names, get_family
+    from pipeline.models.sampling import option_docs
 
     everyone = [get_family(name).sampler for name in family_names()]
-    samplers = [sampler_cls] if sampler_cls is not None else everyone
+    samplers = [sampler] if sampler is not None else everyone
     what = f"a {family} generator" if family else "a generator"  # in the description
     p = _OneLineErrors(prog="ganpipe generate", description=f"Sample {what}.", allow_abbrev=False)
     p.add_argument("source", help="export folder (`ganpipe export`/`convert`), checkpoint, run dir or .pkl")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="torch (default), or onnxruntime: run the export folder's ONNX graph",
+    )
     p.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 1,5,9-12")
     flags = ("--class", "--prompt") if conditioning is None else conditioning.request_flags
     if "--class" in flags:
         p.add_argument("--class", dest="class_idx", type=int, metavar="C", help="the class of a conditional generator")
     if "--prompt" in flags:
         p.add_argument("--prompt", metavar="TEXT", help="the text of a text-conditional generator")
-    docs = {name: doc for cls in samplers for name, doc in _option_docs(cls).items()}
-    defaults = {name: f.default for cls in samplers for name, f in cls.Options.__dataclass_fields__.items()}
+    docs = {name: doc for s in samplers for name, doc in s.offered_options().items()}
+    defaults = {name: f.default for s in samplers for name, f in s.Options.__dataclass_fields__.items()}
     for name, doc in docs.items():
         kind = type(defaults[name])
         p.add_argument(doc.flag, dest=name, type=kind, choices=doc.choices, metavar=doc.metavar, help=doc.help)
-    if any(cls.can_style_mix for cls in samplers):
+    if any(s.can_style_mix for s in samplers):
         p.add_argument(
             "--style-mix",
             nargs=2,
@@ -288,7 +302,7 @@ def generate_parser(sampler_cls: type | None = None, conditioning: Any = None,
         "--interpolate", metavar="SEEDS", help="frames from seed to seed, e.g. 0,5,9 (one PNG per frame in --outdir)"
     )
     p.add_argument("--frames", type=int, default=30, help="with --interpolate: frames per transition")
-    spaces = list(dict.fromkeys(space for cls in samplers for space in cls.interpolation_spaces))
+    spaces = list(dict.fromkeys(space for s in samplers for space in s.interpolation_spaces))
     p.add_argument(
         "--interp-space",
         choices=spaces,
@@ -296,19 +310,25 @@ def generate_parser(sampler_cls: type | None = None, conditioning: Any = None,
     )
     p.add_argument("--out", help="write one grid PNG here")
     p.add_argument("--outdir", help="write one PNG per seed (or per frame) into this folder")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    if sampler_cls is not None:
-        theirs = {doc.flag for cls in everyone for doc in _option_docs(cls).values()} | {"--class", "--prompt"}
-        if any(cls.can_style_mix for cls in everyone):
-            theirs |= {"--style-mix", "--style-layers"}
+    if runtime == "torch":
+        p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    if sampler is not None:
+        theirs = {doc.flag for cls in everyone for doc in option_docs(cls.Options).values()} | {"--class", "--prompt"}
+        theirs |= {"--style-mix", "--style-layers", "--device"}
         ours = {a for action in p._actions for a in action.option_strings}
         kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}
         this = f"this {family} generator is {kind.get(conditioning.kind, conditioning.kind)}"
-        p.unavailable = {
-            flag: f"{flag} is not available: {this}" if flag in ("--class", "--prompt")
-            else f"{flag} is not available for {family} generators: drop it"
-            for flag in sorted(theirs - ours)
-        }  # fmt: skip
+        families = {doc.flag for doc in option_docs(sampler.Options).values()} | {"--device"}
+        if get_family(family).sampler.can_style_mix:
+            families |= {"--style-mix", "--style-layers"}
+        p.unavailable = {}
+        for flag in sorted(theirs - ours):
+            if flag in ("--class", "--prompt"):
+                p.unavailable[flag] = f"{flag} is not available: {this}"
+            elif flag in families:  # the family has it, the exported graph does not
+                p.unavailable[flag] = f"{flag} is not available with --runtime {runtime}: the exported graph fixes it"
+            else:
+                p.unavailable[flag] = f"{flag} is not available for {family} generators: drop it"
     return p
 
 
@@ -317,17 +337,23 @@ def _run_generate(argv: list[str]) -> None:
     import torch
 
     from pipeline.export import load_sampler
+    from pipeline.export.runtime import open_graph_sampler
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("source", nargs="?")
     pre.add_argument("--device")
+    pre.add_argument("--runtime", choices=RUNTIMES, default="torch")
     known, _ = pre.parse_known_args(argv)
     if known.source is None:
         generate_parser().parse_args(argv)  # the generic help, or its one-line error
         return
-    device = known.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    sampler = load_sampler(known.source, device=device)
-    parser = generate_parser(type(sampler), sampler.conditioning, sampler.family)
+    keep: list[Any] = []  # temporary copies of a remote export's graphs live as long as this command
+    if known.runtime == "onnxruntime":
+        sampler = open_graph_sampler(known.source, "onnx", keep)
+    else:
+        device = known.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        sampler = load_sampler(known.source, device=device)
+    parser = generate_parser(sampler, sampler.conditioning, sampler.family, known.runtime)
     args = parser.parse_args(argv)
     args.sampler = sampler
     _cmd_generate(args)
@@ -441,9 +467,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("export", help="export G_ema of a checkpoint or run dir as safetensors + JSON")
-    p.add_argument("source", help="checkpoint file or run dir (its newest valid checkpoint)")
-    p.add_argument("--out", required=True, help="output folder")
+    p = sub.add_parser("export", help="export G_ema as safetensors + JSON, and as ONNX / torch.export programs")
+    p.add_argument("source", help="checkpoint, run dir (its newest valid checkpoint), export folder or .pkl")
+    p.add_argument("--out", required=True, help="output folder (the source's own export folder: add formats to it)")
+    p.add_argument(
+        "--format",
+        default="safetensors",
+        help="comma-separated: safetensors (always written), onnx, pt2 (default safetensors)",
+    )
+    p.add_argument("--uint8", action="store_true", help="onnx/pt2 output uint8 NHWC images instead of float NCHW")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        metavar="T",
+        help="largest accepted |exported - PyTorch| (default 1e-4; with --uint8 1 level)",
+    )
     p.set_defaults(func=_cmd_export)
 
     from pipeline.export.sources import available_converters

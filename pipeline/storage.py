@@ -146,6 +146,12 @@ def user_url(role: str, url: str) -> Iterator[None]:
         raise StorageError(f"{role} {url!r}: {describe_failure(cause)}") from None
 
 
+def canonical_url(url: str) -> str:
+    """One spelling per location: a relative and an absolute path to one folder give the same URL."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.unstrip_protocol(os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path.rstrip("/"))
+
+
 def protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
     proto = fs.protocol
     return set(proto) if isinstance(proto, (tuple, list)) else {proto}
@@ -229,6 +235,7 @@ __all__ = [
     "StorageError",
     "append_line",
     "append_text",
+    "canonical_url",
     "describe_failure",
     "is_object_store",
     "is_temporary",

@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import uuid
 import zipfile
@@ -42,14 +41,13 @@ from typing import Any, Literal
 
 import fsspec
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageOps
 from webdataset import TarWriter
 
 from pipeline.data.codec import encode_image
 from pipeline.data.shards import Manifest, ShardInfo, _HashingFile, write_manifest
 from pipeline.errors import DatasetError
-from pipeline.storage import publish_atomic
+from pipeline.storage import canonical_url, publish_atomic
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +358,6 @@ def _estimate_samples_per_shard(listing: _Listing, order: np.ndarray, options: S
     return max(1, int(options.shard_size // per_sample))
 
 
-def _canonical_url(url: str) -> str:
-    """One spelling per location: a relative and an absolute path to one folder give the same URL."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.unstrip_protocol(os.path.realpath(path) if isinstance(fs, LocalFileSystem) else path)
-
-
 _OWN_FILES = ("_progress", "manifest.json", "report.json", "classes.json")
 
 
@@ -415,7 +407,7 @@ def _claim_out(fs: fsspec.AbstractFileSystem, root: str, out: str, settings: dic
 def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> ShardsReport:
     """Write `src` (in `layout`) as shards + manifest to `out`; see the module docstring."""
     options.validate()
-    src = _canonical_url(src)  # the same folder spelt two ways is the same source (settings, plans)
+    src = canonical_url(src)  # the same folder spelt two ways is the same source (settings, plans)
     listing = list_sources(src, layout)
     n = len(listing.items)
     order = np.random.default_rng([options.seed, 0x5EED]).permutation(n)

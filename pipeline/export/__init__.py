@@ -1,12 +1,15 @@
 """Pickle-free export of trained generators, reading networks from any source, and conversion of official
 checkpoints.
 
-    export_generator(source, out_dir)      `ganpipe export`: G_ema of a checkpoint / run dir (or any source)
+    export_generator(source, out_dir, formats)  `ganpipe export`: G_ema of a checkpoint / run dir (or any source)
+                                           as safetensors, plus ONNX / torch.export programs derived from it
     convert(name, source, out_dir, ...)    `ganpipe convert NAME`: a foreign checkpoint to an export folder
     load_generator(dir) / load_sampler(src)  a generator, or its family's sampler, ready to draw images
     open_networks(src)                     networks of an export, checkpoint, run dir or convertible file
 
-The folder format is `pipeline.export.format`; sources and the converter registry are `pipeline.export.sources`.
+The folder format is `pipeline.export.format`; sources and the converter registry are `pipeline.export.sources`;
+derived programs are `pipeline.export.graph` (what they compute), `pipeline.export.derive` (writing and verifying
+them) and `pipeline.export.runtime` (running them).
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ import torch
 from torch import nn
 
 from pipeline.errors import ExportError
+from pipeline.export.derive import GRAPH_FORMATS, derive_formats
 from pipeline.export.format import (
     META_FILE,
     NETWORK_FILES,
     WEIGHTS_FILE,
     ExportedGenerator,
+    is_export,
     read_export_meta,
     write_export,
 )
 from pipeline.export.sources import NetworkSource, available_converters, open_networks
 from pipeline.models.sampling import Sampler
-from pipeline.storage import user_url
+from pipeline.storage import canonical_url, user_url
 
 
 def _write(source: NetworkSource, out_dir: str, names: tuple[str, ...]) -> ExportedGenerator:
@@ -40,10 +45,28 @@ def _open(source: str, training: bool = False) -> NetworkSource:
         return open_networks(source, training)
 
 
-def export_generator(source: str, out_dir: str) -> ExportedGenerator:
+def export_generator(
+    source: str,
+    out_dir: str,
+    formats: tuple[str, ...] | list[str] = ("safetensors",),
+    uint8: bool = False,
+    tolerance: float | None = None,
+) -> ExportedGenerator:
     """Write G_ema of `source` (a checkpoint, a run dir's newest checkpoint, or any `open_networks` source) to
-    `out_dir` as safetensors + JSON."""
-    return _write(_open(source), out_dir, ("G_ema",))
+    `out_dir` as safetensors + JSON, then the derived `formats` (onnx, pt2; `uint8`: images as uint8 NHWC) from it.
+
+    The safetensors are the source of truth and always written, except when `source` is `out_dir` itself (an
+    export folder): then only the derived formats are added to it."""
+    derived = [f for f in formats if f in GRAPH_FORMATS]
+    if uint8 and not derived:
+        raise ExportError("--uint8 shapes the images of derived programs: add --format onnx or --format pt2")
+    with user_url("source", source):
+        in_place = is_export(source) and canonical_url(source) == canonical_url(out_dir)
+    meta = read_export_meta(out_dir) if in_place else _write(_open(source), out_dir, ("G_ema",))
+    if derived:
+        with user_url("--out", out_dir):
+            meta = derive_formats(out_dir, derived, uint8, tolerance)
+    return meta
 
 
 def convert(

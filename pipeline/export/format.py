@@ -7,14 +7,18 @@ Contract
     encoder's name and weight source — frozen encoders are named here, never stored), `kimg`, `source` and
     `networks`. Besides G_ema a folder may hold the networks training needs (`NETWORK_FILES`:
     `discriminator.safetensors`, and `generator_train.safetensors` for the non-EMA G), which `init=` uses.
-    `write_export` rebuilds and strictly loads every network before writing anything, writes each file atomically
-    and the JSON last, so a folder with a generator.json is complete. Reading loads tensors with safetensors and
-    strict key checks, so nothing from the files is ever executed. Version 1 folders (with `c_dim` and
+    `formats` records the programs derived from the weights (`pipeline.export.derive`: ONNX, torch.export), each
+    with its files, graphs (input and output names, dtypes, shapes), sha256 and the difference to PyTorch measured
+    when it was written. `write_export` rebuilds and strictly loads every network before writing anything, writes
+    each file atomically and the JSON last, so a folder with a generator.json is complete; new weights drop the
+    programs derived from earlier ones (their files are deleted, their records cleared). Reading loads tensors with
+    safetensors and strict key checks, so nothing from the files is ever executed. Version 1 folders (with `c_dim` and
     `source_checkpoint` instead of `conditioning` and `source`) still load.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -53,6 +57,7 @@ class ExportedGenerator:
     img_channels: int = 3
     conditioning: dict[str, Any] = field(default_factory=dict)
     networks: list[str] = field(default_factory=lambda: ["G_ema"])  # which of NETWORK_FILES the folder holds
+    formats: dict[str, Any] = field(default_factory=dict)  # derived programs: "onnx", "pt2" -> their record
 
     @property
     def family_record(self) -> Family:
@@ -102,10 +107,37 @@ def write_export(out_dir: str, meta: ExportedGenerator, networks: dict[str, dict
     meta.model = section_dict(meta.spec().model)  # normalised through the schema: every key, with its default
     meta.conditioning = meta.family_record.build_conditioning(meta.spec()).describe()
     meta.networks = [n for n in NETWORK_FILES if n in networks]
+    meta.formats = {}
     root = out_dir.rstrip("/")
+    _remove_derived_files(root)
     for filename, data in payloads.items():
         publish_atomic(f"{root}/{filename}", data)
-    publish_atomic(f"{root}/{META_FILE}", json.dumps(meta.to_json(), indent=2).encode())
+    write_meta(root, meta)
+
+
+def write_meta(export_dir: str, meta: ExportedGenerator) -> None:
+    """Publish generator.json (atomically: readers see the old or the new record)."""
+    publish_atomic(f"{export_dir.rstrip('/')}/{META_FILE}", json.dumps(meta.to_json(), indent=2).encode())
+
+
+def derived_files(meta: ExportedGenerator, fmt: str | None = None) -> list[str]:
+    """The files of the derived programs `meta` records (of format `fmt`, or of all)."""
+    records = list(meta.formats.values()) if fmt is None else [meta.formats[fmt]] if fmt in meta.formats else []
+    return [name for record in records for graph in record.get("graphs", {}).values() for name in graph["files"]]
+
+
+def _remove_derived_files(root: str) -> None:
+    """Delete the programs an earlier export into this folder derived from its weights (they are stale now)."""
+    if not is_export(root):
+        return
+    try:
+        old = read_export_meta(root)
+    except ExportError:
+        return
+    fs, path = fsspec.core.url_to_fs(root)
+    for name in derived_files(old):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(f"{path.rstrip('/')}/{name}")
 
 
 def is_export(url: str) -> bool:
@@ -157,8 +189,10 @@ __all__ = [
     "WEIGHTS_FILE",
     "ExportedGenerator",
     "build_network",
+    "derived_files",
     "is_export",
     "read_export_meta",
     "read_network_state",
     "write_export",
+    "write_meta",
 ]

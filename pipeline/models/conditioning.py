@@ -27,6 +27,18 @@ Contract of every kind
                                    or tokenizing in the workers never loads its weights.
     request_flags                  the `ganpipe generate` flags a request of this kind takes (--class, --prompt).
 c may be a tensor or a (named) tuple of tensors whose first dimension is the batch; `index_c` selects rows of any.
+
+Exported graphs (`pipeline.export.graph`) take the conditioning as plain tensors a runtime without ganpipe can
+build:
+    graph_inputs()                 what the generator graph takes: nothing; `class_index` (int64 [N]); or the text
+                                   encoder's output (`text_tokens`, `text_pooled`, `text_mask`).
+    from_graph(*tensors)           c from those tensors, inside the graph (a class index becomes the one-hot or index
+                                   encoding there).
+    encoder_graph()                a second graph to export, token ids -> the text inputs (the frozen text encoder),
+                                   or None. The tokenizer stays outside every graph: a runtime calls it first.
+    graph_feed(n, request, encode) the graph inputs (numpy) for a user's request; `encode` runs the exported text
+                                   encoder on token ids.
+    example_requests()             requests an export is verified with (every class kind covered at both ends).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import ConfigError, SamplingError
+from pipeline.models.graph import BATCH, GraphTensor
 
 Cond = Any  # None, a Tensor, or a tuple of tensors with the batch first
 
@@ -103,6 +116,43 @@ class Conditioning(abc.ABC):
         """What an export records about this conditioning (JSON-able)."""
         return {"kind": self.kind}
 
+    # Exported graphs (see the module docstring) ---------------------------------------------------------------
+
+    def graph_inputs(self) -> list[GraphTensor]:
+        return []
+
+    def from_graph(self, *tensors: Tensor) -> Cond:
+        return None
+
+    def encoder_graph(self) -> EncoderGraph | None:
+        return None
+
+    @abc.abstractmethod
+    def check_request(self, request: Request) -> None:
+        """A request that does not fit this conditioning is one `SamplingError` line."""
+
+    def graph_feed(self, n: int, request: Request, encode: EncodeTokens | None = None) -> dict[str, np.ndarray]:
+        self.check_request(request)
+        return {}
+
+    def example_requests(self) -> list[Request]:
+        return [Request()]
+
+
+# Runs an exported text encoder: {"token_ids": int64 [N, L]} -> its outputs by name.
+EncodeTokens = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class EncoderGraph:
+    """A frozen network that runs before the generator graph, exported as its own graph (the text encoder)."""
+
+    name: str  # the file stem: text_encoder.onnx, text_encoder.pt2
+    module: nn.Module  # forward(*inputs) -> a tuple of the outputs, in order
+    inputs: list[GraphTensor]
+    outputs: list[GraphTensor]
+    preprocessing: str  # how a runtime makes the inputs (the tokenizer), in words, for generator.json
+
 
 def _batch_size(c: Cond) -> int:
     return c.shape[0] if isinstance(c, Tensor) else _batch_size(c[0])
@@ -118,11 +168,14 @@ class NoConditioning(Conditioning):
     def from_batch(self, batch: dict[str, Any], device: torch.device) -> None:
         return None
 
-    def from_request(self, n: int, request: Request, device: torch.device) -> None:
+    def check_request(self, request: Request) -> None:
         if request.class_idx is not None:
             raise SamplingError("this generator is unconditional: drop --class")
         if request.prompt is not None:
             raise SamplingError("this generator is unconditional: drop --prompt")
+
+    def from_request(self, n: int, request: Request, device: torch.device) -> None:
+        self.check_request(request)
         return None
 
     def grid(self, n: int, device: torch.device) -> None:
@@ -160,13 +213,16 @@ class ClassConditioning(Conditioning):
     def from_batch(self, batch: dict[str, Any], device: torch.device) -> Tensor:
         return self.encode(batch["label"].to(device, non_blocking=True))
 
-    def from_request(self, n: int, request: Request, device: torch.device) -> Tensor:
+    def check_request(self, request: Request) -> None:
         if request.prompt is not None:
             raise SamplingError("this generator is class-conditional, not text-conditional: drop --prompt")
         if request.class_idx is None:
             raise SamplingError(f"this generator is class-conditional ({self.num_classes} classes): pass --class C")
         if not 0 <= request.class_idx < self.num_classes:
             raise SamplingError(f"--class {request.class_idx} is out of range: choose 0..{self.num_classes - 1}")
+
+    def from_request(self, n: int, request: Request, device: torch.device) -> Tensor:
+        self.check_request(request)
         return self.encode(torch.full([n], request.class_idx, device=device))
 
     def grid(self, n: int, device: torch.device) -> Tensor:
@@ -178,6 +234,20 @@ class ClassConditioning(Conditioning):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "num_classes": self.num_classes, "encoding": self.encoding}
+
+    def graph_inputs(self) -> list[GraphTensor]:
+        return [GraphTensor("class_index", "int64", (BATCH,), f"the class of each image, 0..{self.num_classes - 1}")]
+
+    def from_graph(self, *tensors: Tensor) -> Tensor:
+        (class_index,) = tensors
+        return self.encode(class_index)
+
+    def graph_feed(self, n: int, request: Request, encode: EncodeTokens | None = None) -> dict[str, np.ndarray]:
+        self.check_request(request)
+        return {"class_index": np.full([n], request.class_idx, dtype=np.int64)}
+
+    def example_requests(self) -> list[Request]:
+        return [Request(class_idx=0), Request(class_idx=self.num_classes - 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,11 +348,14 @@ class TextConditioning(Conditioning):
             return self.encode_prompts(batch["caption"], device)
         return self.encode_tokens(torch.as_tensor(tokens).to(device, non_blocking=True))
 
-    def from_request(self, n: int, request: Request, device: torch.device) -> TextCondition:
+    def check_request(self, request: Request) -> None:
         if request.class_idx is not None:
             raise SamplingError("this generator is text-conditional: pass --prompt TEXT instead of --class")
         if request.prompt is None:
             raise SamplingError('this generator is text-conditional: pass --prompt "a red circle"')
+
+    def from_request(self, n: int, request: Request, device: torch.device) -> TextCondition:
+        self.check_request(request)
         return self.encode_prompts([request.prompt] * n, device)
 
     def grid(self, n: int, device: torch.device) -> TextCondition:
@@ -298,12 +371,53 @@ class TextConditioning(Conditioning):
     def describe(self) -> dict[str, Any]:
         return {"kind": self.kind, "encoder": self.source}
 
+    def graph_inputs(self) -> list[GraphTensor]:
+        length = self.tokenizer([""]).shape[1]
+        out = self.encode_prompts([""], torch.device("cpu"))  # the encoder's widths
+        return [
+            GraphTensor("text_tokens", "float32", (BATCH, length, out.tokens.shape[2]), "per-token embeddings"),
+            GraphTensor("text_pooled", "float32", (BATCH, out.pooled.shape[1]), "one embedding per caption"),
+            GraphTensor("text_mask", "bool", (BATCH, length), "true where a token is real, not padding"),
+        ]
+
+    def from_graph(self, *tensors: Tensor) -> TextCondition:
+        tokens, pooled, mask = tensors
+        return TextCondition(tokens, pooled, mask)
+
+    def encoder_graph(self) -> EncoderGraph:
+        length = self.tokenizer([""]).shape[1]
+        ids = GraphTensor("token_ids", "int64", (BATCH, length), "the tokenizer's ids of each caption")
+        tokenizer = repr(self.tokenizer) if isinstance(self.tokenizer, ByteTokenizer) else type(self.tokenizer).__name__
+        return EncoderGraph("text_encoder", _TupleOutputs(self.encoder), [ids], self.graph_inputs(), tokenizer)
+
+    def graph_feed(self, n: int, request: Request, encode: EncodeTokens | None = None) -> dict[str, np.ndarray]:
+        self.check_request(request)
+        if encode is None:
+            raise SamplingError("this generator is text-conditional: its export needs the text encoder graph")
+        return encode({"token_ids": self.tokenizer([request.prompt] * n)})
+
+    def example_requests(self) -> list[Request]:
+        return [Request(prompt=self.prompts[0]), Request(prompt=self.prompts[-1])]
+
+
+class _TupleOutputs(nn.Module):
+    """A text encoder whose `TextCondition` comes out as a plain tuple (what exporters take)."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:  # *inputs: how exported graphs take their inputs
+        return tuple(self.encoder(*inputs))
+
 
 __all__ = [
     "ByteTokenizer",
     "ClassConditioning",
     "Cond",
     "Conditioning",
+    "EncodeTokens",
+    "EncoderGraph",
     "NoConditioning",
     "Request",
     "TextCondition",

@@ -14,6 +14,10 @@ Contract of the base `Sampler` (any G with `z_dim` and `forward(z, c) -> images 
 - Options: each sampler class names its own `Options` dataclass (the base has none); every field carries, in its
   metadata (`option(...)`), the `ganpipe generate` flag that sets it and its help, so the CLI offers a family's
   options and no others. Passing options of another sampler is one `SamplingError` line.
+- Exported graphs (`pipeline.export.graph`): `graph_options` names the options that become graph inputs (scalars,
+  e.g. StyleGAN's truncation psi), `graph_fixed` the values the graph fixes of the others (its noise mode, its
+  truncation center); `graph_forward(z, c, *option_tensors)` is the traceable computation, equal to `generate`
+  with `graph_options(values)`. The base graph is `synthesize`.
 All functions run under `torch.no_grad()`.
 """
 
@@ -29,6 +33,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import SamplingError
 from pipeline.models.conditioning import Cond, Conditioning, Request
+from pipeline.models.graph import GraphTensor
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,9 @@ class Sampler:
     Options: ClassVar[type[SampleOptions]] = SampleOptions
     interpolation_spaces: ClassVar[tuple[str, ...]] = ("z",)
     can_style_mix: ClassVar[bool] = False
+    graph_options: ClassVar[tuple[str, ...]] = ()  # Options fields an exported graph takes as scalar inputs
+    graph_fixed: ClassVar[dict[str, Any]] = {}  # what an exported graph fixes of the other options
+    graph_option_examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)  # option values an export is verified at
 
     def __init__(self, G: nn.Module, conditioning: Conditioning, family: str = "") -> None:
         self.G, self.conditioning, self.family = G, conditioning, family
@@ -112,6 +120,11 @@ class Sampler:
     @property
     def z_dim(self) -> int:
         return int(self.G.z_dim)
+
+    @classmethod
+    def offered_options(cls) -> dict[str, OptionDoc]:
+        """The options `ganpipe generate` offers for this sampler: all of its `Options`."""
+        return option_docs(cls.Options)
 
     def resolve(self, options: SampleOptions | None) -> Any:
         """`options` checked to be this sampler's (None: every option at its default)."""
@@ -134,6 +147,27 @@ class Sampler:
     @torch.no_grad()
     def synthesize(self, z: Tensor, c: Cond) -> Tensor:
         return self.G(z, c)
+
+    # Exported graphs -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def graph_option_inputs(cls) -> list[GraphTensor]:
+        """The scalar graph inputs of `graph_options`: float32 for float options, int64 for int ones."""
+        defaults = {f.name: f for f in fields(cls.Options)}
+        specs = []
+        for name in cls.graph_options:
+            dtype = "float32" if isinstance(defaults[name].default, float) else "int64"
+            specs.append(GraphTensor(name, dtype, (), defaults[name].metadata["cli"].help))
+        return specs
+
+    @classmethod
+    def graph_sample_options(cls, values: dict[str, Any]) -> SampleOptions:
+        """The options under which `generate` draws what the graph draws with option inputs `values`."""
+        return cls.Options(**cls.graph_fixed, **values)
+
+    def graph_forward(self, z: Tensor, c: Cond, *options: Tensor) -> Tensor:
+        """Images for z and c with the `graph_options` as tensors: what an exported graph computes."""
+        return self.synthesize(z, c)
 
     def program(self, request: Request, options: SampleOptions | None = None) -> Program:
         """The images of `request` for any z; checks the request and the options before any work."""

@@ -7,6 +7,10 @@ Backends:
              tensors, and on CPU tensors when the Triton interpreter is on (`TRITON_INTERPRET=1`, how CI tests it).
     'auto'   'triton' for CUDA tensors when Triton is installed, 'ref' everywhere else.
 
+While a program is being exported (`torch.export`, `torch.onnx.export`: `torch.compiler.is_exporting()`), every op
+runs its reference whatever was asked: an exported program then holds standard operators only and runs on any
+runtime and device, without Triton.
+
 The environment variable `GANPIPE_OPS_IMPL` overrides the argument globally: `GANPIPE_OPS_IMPL=ref` forces the
 reference everywhere (useful to bisect a numerical problem to the fused kernels), `=triton` forces the kernels;
 unset, empty or 'auto' leaves the argument in charge. The training entry point exports it from `ops.impl`.
@@ -56,6 +60,11 @@ def triton_unavailable_reason(x: torch.Tensor) -> str | None:
     return f"Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got a {x.device.type} tensor"
 
 
+def exporting() -> bool:
+    """Whether a program is being traced for export (see the module docstring)."""
+    return torch.compiler.is_exporting()
+
+
 def resolve_impl(impl: str, x: torch.Tensor) -> str:
     """Return the backend ('ref' or 'triton') that runs an op called with `impl` on input `x`.
 
@@ -65,6 +74,8 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
     assert isinstance(x, torch.Tensor)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if exporting():
+        return "ref"
     forced = os.environ.get(ENV_VAR, "").strip().lower()
     if forced not in ("", *IMPLS):
         raise ValueError(f"environment variable {ENV_VAR} must be one of {IMPLS} or empty, got {forced!r}")

@@ -31,7 +31,7 @@ import math
 import torch
 
 from pipeline.ops._custom_ops import scale, scale_bias_act_op
-from pipeline.ops._dispatch import resolve_impl
+from pipeline.ops._dispatch import exporting, resolve_impl
 from pipeline.ops.bias_act import ACTIVATIONS, bias_act
 from pipeline.ops.conv2d_resample import conv2d_resample
 from pipeline.ops.upfirdn2d import Padding
@@ -89,14 +89,16 @@ def modulated_conv2d(
 
     x [N, I, H, W], weight [O, I, kh, kw], styles [N, I], noise broadcastable to the output (e.g. [N, 1, H', W'])
     or None. up/down/padding/resample_filter/flip_weight as in `conv2d_resample`. fused_modconv: one grouped
-    convolution with per-sample weights (True) or activation scaling around a shared convolution (False).
+    convolution with per-sample weights (True) or activation scaling around a shared convolution (False); the
+    same numbers either way. An exported program always scales activations: a grouped convolution's group count is
+    a constant of the graph, which would fix the batch size.
     bias [O], act, alpha, gain, clamp: an epilogue as in `bias_act` (the defaults add nothing).
     Returns [N, O, H', W'] in x's dtype.
     """
     assert isinstance(x, torch.Tensor) and x.ndim == 4, "x must be a [N, I, H, W] tensor"
     assert isinstance(weight, torch.Tensor) and weight.ndim == 4, "weight must be a [O, I, kh, kw] tensor"
     assert isinstance(styles, torch.Tensor) and styles.ndim == 2, "styles must be a [N, I] tensor"
-    batch_size = int(x.shape[0])
+    batch_size = x.shape[0]  # not int(): a traced batch (torch.export, ONNX, torch.compile) stays symbolic
     out_channels, in_channels, kh, kw = (int(s) for s in weight.shape)
     assert x.shape[1] == in_channels, f"x has {x.shape[1]} channels, weight expects {in_channels}"
     assert tuple(styles.shape) == (batch_size, in_channels), f"styles must be [{batch_size}, {in_channels}]"
@@ -104,6 +106,7 @@ def modulated_conv2d(
         raise ValueError(f"unknown activation {act!r}; expected one of {sorted(ACTIVATIONS)}")
     assert bias is None or tuple(bias.shape) == (out_channels,), f"bias must have shape [{out_channels}]"
     impl = resolve_impl(impl, x)
+    fused_modconv = fused_modconv and not exporting()
 
     if x.dtype == torch.float16 and demodulate:
         weight, styles = prenormalize_fp16(weight, styles)

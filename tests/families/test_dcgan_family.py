@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -343,6 +344,26 @@ def test_trains_resumes_exactly_exports_generates_and_evaluates(tmp_path: Path, 
     assert main(["eval", full, "--metrics", "fid16_full", "--extractor", "small", "--no-progress"]) == 0
     record = json.loads(capsys.readouterr().out)
     assert record["results"]["fid16_full"] > 0 and record["kimg"] == 0.048
+    _exported_programs_match(export, tmp_path, capsys)  # BatchNorm in eval mode, the base sampler's graph
+
+
+def _exported_programs_match(export: str, tmp_path: Path, capsys, *request: str) -> None:
+    """The family's round trip through ONNX and torch.export (verified against PyTorch by the exporter itself), and
+    `generate --runtime onnxruntime` drawing what the torch runtime draws."""
+    capsys.readouterr()
+    assert main(["export", export, "--out", export, "--format", "onnx,pt2"]) == 0
+    formats = json.loads(Path(export, "generator.json").read_text())["formats"]
+    for fmt in ("onnx", "pt2"):
+        assert formats[fmt]["verified"]["max_abs_diff"] < 1e-4 and formats[fmt]["verified"]["batch_sizes"] == [4, 1]
+    grids = {}
+    for runtime in ("torch", "onnxruntime"):
+        grids[runtime] = np.asarray(Image.open(_generate(export, tmp_path / runtime, runtime, *request)), dtype=int)
+    assert np.abs(grids["torch"] - grids["onnxruntime"]).max() <= 1
+
+
+def _generate(export: str, out: Path, runtime: str, *request: str) -> Path:
+    assert main(["generate", export, "--runtime", runtime, "--seeds", "0-5", *request, "--out", f"{out}.png"]) == 0
+    return Path(f"{out}.png")
 
 
 def _assert_states_equal(expected: dict[str, Any], resumed: dict[str, Any], nets: tuple[str, ...]) -> None:
@@ -403,6 +424,7 @@ def test_classes_hinge_extra_and_frozen_networks(tmp_path: Path, capsys) -> None
     capsys.readouterr()
     assert main(["generate", export, "--seeds", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "class-conditional (6 classes): pass --class C" in capsys.readouterr().err
+    _exported_programs_match(export, tmp_path, capsys, "--class", "4")  # an embedding of the class index
 
 
 def test_text_conditioning_tokenizes_in_workers_and_exports_name_the_encoder(tmp_path: Path, capsys) -> None:
@@ -433,6 +455,12 @@ def test_text_conditioning_tokenizes_in_workers_and_exports_name_the_encoder(tmp
     capsys.readouterr()
     assert main(["generate", export, "--seeds", "3", "--class", "1", "--out", str(tmp_path / "x.png")]) == 2
     assert "--class is not available: this dcgan generator is text-conditional" in capsys.readouterr().err
+    # The text encoder is a graph of its own: token ids (the tokenizer runs before it) -> the generator's inputs.
+    _exported_programs_match(export, tmp_path, capsys, "--prompt", prompts[1])
+    graphs = json.loads(Path(export, "generator.json").read_text())["formats"]["onnx"]["graphs"]
+    assert graphs["text_encoder"]["files"] == ["text_encoder.onnx"]
+    assert graphs["text_encoder"]["preprocessing"] == "ByteTokenizer(max_length=32)"
+    assert [t["name"] for t in graphs["generator"]["inputs"]] == ["z", "text_tokens", "text_pooled", "text_mask"]
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
