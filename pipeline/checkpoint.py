@@ -38,7 +38,7 @@ import fsspec
 import torch
 
 from pipeline.errors import CheckpointError
-from pipeline.storage import publish_atomic, remove_temporaries
+from pipeline.storage import publish_atomic, remove_temporaries, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ FORMAT = "ganpipe-checkpoint"
 VERSION = 1
 RECORD_SUFFIX = ".json"
 _NAME = re.compile(r"^ckpt-(\d{12})\.pt$")
-_CHUNK = 8 << 20  # read-back granularity
 
 
 def checkpoint_name(cur_nimg: int) -> str:
@@ -76,15 +75,6 @@ class CheckpointRecord:
         return cls(int(data["size"]), str(data["sha256"]), data.get("cur_nimg"), data.get("time"))
 
 
-def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
-    digest, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
 def save_checkpoint(state: dict[str, Any], url: str) -> CheckpointRecord:
     """Atomically write `state` to `url` with its record beside it, then verify what was written.
 
@@ -100,7 +90,7 @@ def save_checkpoint(state: dict[str, Any], url: str) -> CheckpointRecord:
     for attempt in (1, 2):
         publish_atomic(path, data, fs=fs)
         fs.invalidate_cache(fs._parent(path))
-        written = _sha256_of(fs, path)
+        written = sha256_of(fs, path)
         if written == (record.size, record.sha256):
             return record
         log.warning(

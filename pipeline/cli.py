@@ -306,7 +306,9 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
     p.add_argument(
         "--interp-space",
         choices=spaces,
-        help=f"with --interpolate: {' or '.join(spaces)} (default {spaces[0]}; w: linear in W, z: slerp in Z)",
+        help=f"with --interpolate: {' or '.join(spaces)} (default {spaces[0]}; "
+        + ", ".join({"w": "w: linear in W", "z": "z: slerp in Z"}.get(space, space) for space in spaces)
+        + ")",
     )
     p.add_argument("--out", help="write one grid PNG here")
     p.add_argument("--outdir", help="write one PNG per seed (or per frame) into this folder")
@@ -325,6 +327,8 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
         for flag in sorted(theirs - ours):
             if flag in ("--class", "--prompt"):
                 p.unavailable[flag] = f"{flag} is not available: {this}"
+            elif flag == "--device":
+                p.unavailable[flag] = f"--device is not available with --runtime {runtime}: it runs on the CPU here"
             elif flag in families:  # the family has it, the exported graph does not
                 p.unavailable[flag] = f"{flag} is not available with --runtime {runtime}: the exported graph fixes it"
             else:
@@ -338,18 +342,20 @@ def _run_generate(argv: list[str]) -> None:
 
     from pipeline.export import load_sampler
     from pipeline.export.runtime import open_graph_sampler
+    from pipeline.storage import user_url
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("source", nargs="?")
     pre.add_argument("--device")
-    pre.add_argument("--runtime", choices=RUNTIMES, default="torch")
+    pre.add_argument("--runtime", default="torch")
     known, _ = pre.parse_known_args(argv)
-    if known.source is None:
+    if known.source is None or known.runtime not in RUNTIMES:
         generate_parser().parse_args(argv)  # the generic help, or its one-line error
         return
     keep: list[Any] = []  # temporary copies of a remote export's graphs live as long as this command
     if known.runtime == "onnxruntime":
-        sampler = open_graph_sampler(known.source, "onnx", keep)
+        with user_url("source", known.source):
+            sampler = open_graph_sampler(known.source, "onnx", keep)
     else:
         device = known.device or ("cuda" if torch.cuda.is_available() else "cpu")
         sampler = load_sampler(known.source, device=device)

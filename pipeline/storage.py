@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import uuid
@@ -146,6 +147,16 @@ def user_url(role: str, url: str) -> Iterator[None]:
         raise StorageError(f"{role} {url!r}: {describe_failure(cause)}") from None
 
 
+def sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
+    """(size in bytes, sha256 hex digest) of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def canonical_url(url: str) -> str:
     """One spelling per location: a relative and an absolute path to one folder give the same URL."""
     fs, path = fsspec.core.url_to_fs(url)
@@ -242,6 +253,7 @@ __all__ = [
     "protocols",
     "publish_atomic",
     "remove_temporaries",
+    "sha256_of",
     "storage_failure",
     "user_url",
 ]

@@ -47,7 +47,7 @@ from webdataset import TarWriter
 from pipeline.data.codec import encode_image
 from pipeline.data.shards import Manifest, ShardInfo, _HashingFile, write_manifest
 from pipeline.errors import DatasetError
-from pipeline.storage import canonical_url, publish_atomic
+from pipeline.storage import canonical_url, publish_atomic, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -338,15 +338,6 @@ def _write_shard(out: str, plan: _ShardPlan, options: ShardsOptions) -> tuple[di
     return dataclasses.asdict(info), skipped
 
 
-def _sha256_of(fs: fsspec.AbstractFileSystem, path: str) -> tuple[int, str]:
-    sha, size = hashlib.sha256(), 0
-    with fs.open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            sha.update(chunk)
-            size += len(chunk)
-    return size, sha.hexdigest()
-
-
 def _estimate_samples_per_shard(listing: _Listing, order: np.ndarray, options: ShardsOptions) -> int:
     sizes = []
     for i in order[:_ESTIMATE_SAMPLES]:
@@ -434,7 +425,7 @@ def write_shards(src: str, out: str, layout: str, options: ShardsOptions) -> Sha
         record = _read_record(fs, f"{root}/_progress/{plan.name}.json")
         if record is not None and record.get("plan") == plan.digest(options) and fs.exists(f"{root}/{plan.name}"):
             shard = record["shard"]
-            if _sha256_of(fs, f"{root}/{plan.name}") == (shard["bytes"], shard["sha256"]):
+            if sha256_of(fs, f"{root}/{plan.name}") == (shard["bytes"], shard["sha256"]):
                 infos[plan.name], skipped[plan.name] = shard, record["skipped"]
                 report.kept.append(plan.name)
                 continue

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.errors import ExportError
-from pipeline.export.derive import GRAPH_FORMATS, derive_formats
+from pipeline.export.derive import GRAPH_FORMATS, check_derivable, derive_formats
 from pipeline.export.format import (
     META_FILE,
     NETWORK_FILES,
@@ -58,8 +58,10 @@ def export_generator(
     The safetensors are the source of truth and always written, except when `source` is `out_dir` itself (an
     export folder): then only the derived formats are added to it."""
     derived = [f for f in formats if f in GRAPH_FORMATS]
-    if uint8 and not derived:
-        raise ExportError("--uint8 shapes the images of derived programs: add --format onnx or --format pt2")
+    if (uint8 or tolerance is not None) and not derived:
+        what = "--uint8 shapes the images" if uint8 else "--tolerance bounds the difference"
+        raise ExportError(f"{what} of derived programs: add --format onnx or --format pt2")
+    check_derivable(derived)
     with user_url("source", source):
         in_place = is_export(source) and canonical_url(source) == canonical_url(out_dir)
     meta = read_export_meta(out_dir) if in_place else _write(_open(source), out_dir, ("G_ema",))

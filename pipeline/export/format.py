@@ -4,16 +4,16 @@ Contract
     `generator.json` records `format: ganpipe-generator`, `version`, `family`, `model` (the family's model section:
     with `resolution` it rebuilds every network through the family registry), `resolution`, `z_dim`, `img_channels`,
     `conditioning` (the family's conditioning as `Conditioning.describe()` gives it: kind, classes, the text
-    encoder's name and weight source — frozen encoders are named here, never stored), `kimg`, `source` and
-    `networks`. Besides G_ema a folder may hold the networks training needs (`NETWORK_FILES`:
-    `discriminator.safetensors`, and `generator_train.safetensors` for the non-EMA G), which `init=` uses.
-    `formats` records the programs derived from the weights (`pipeline.export.derive`: ONNX, torch.export), each
-    with its files, graphs (input and output names, dtypes, shapes), sha256 and the difference to PyTorch measured
-    when it was written. `write_export` rebuilds and strictly loads every network before writing anything, writes
-    each file atomically and the JSON last, so a folder with a generator.json is complete; new weights drop the
-    programs derived from earlier ones (their files are deleted, their records cleared). Reading loads tensors with
-    safetensors and strict key checks, so nothing from the files is ever executed. Version 1 folders (with `c_dim` and
-    `source_checkpoint` instead of `conditioning` and `source`) still load.
+    encoder's name and weight source: frozen encoders are named here, their weights stored only inside a derived
+    text_encoder program), `kimg`, `source` and `networks`. Besides G_ema a folder may hold the networks training
+    needs (`NETWORK_FILES`: `discriminator.safetensors`, and `generator_train.safetensors` for the non-EMA G), which
+    `init=` uses. `formats` records the programs derived from the weights (`pipeline.export.derive`: ONNX,
+    torch.export), each with its files, graphs (input and output names, dtypes, shapes), sha256 and the difference
+    to PyTorch measured when it was written. `write_export` rebuilds and strictly loads every network before writing
+    anything, writes each file atomically and the JSON last, so a folder with a generator.json is complete; new
+    weights drop the programs derived from earlier ones (their records cleared first, their files deleted last).
+    Reading loads tensors with safetensors and strict key checks, so nothing from the files is ever executed.
+    Version 1 folders (with `c_dim` and `source_checkpoint` instead of `conditioning` and `source`) still load.
 """
 
 from __future__ import annotations
@@ -109,10 +109,14 @@ def write_export(out_dir: str, meta: ExportedGenerator, networks: dict[str, dict
     meta.networks = [n for n in NETWORK_FILES if n in networks]
     meta.formats = {}
     root = out_dir.rstrip("/")
-    _remove_derived_files(root)
+    stale = _unlink_derived_files(root)
     for filename, data in payloads.items():
         publish_atomic(f"{root}/{filename}", data)
     write_meta(root, meta)
+    fs, path = fsspec.core.url_to_fs(root)
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(f"{path.rstrip('/')}/{name}")
 
 
 def write_meta(export_dir: str, meta: ExportedGenerator) -> None:
@@ -126,18 +130,20 @@ def derived_files(meta: ExportedGenerator, fmt: str | None = None) -> list[str]:
     return [name for record in records for graph in record.get("graphs", {}).values() for name in graph["files"]]
 
 
-def _remove_derived_files(root: str) -> None:
-    """Delete the programs an earlier export into this folder derived from its weights (they are stale now)."""
+def _unlink_derived_files(root: str) -> list[str]:
+    """The programs an earlier export into this folder derived from its weights (stale once new weights are
+    written), first dropped from its generator.json so that no record names them while the weights change."""
     if not is_export(root):
-        return
+        return []
     try:
         old = read_export_meta(root)
     except ExportError:
-        return
-    fs, path = fsspec.core.url_to_fs(root)
-    for name in derived_files(old):
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm(f"{path.rstrip('/')}/{name}")
+        return []
+    stale = derived_files(old)
+    if stale:
+        old.formats = {}
+        write_meta(root, old)
+    return stale
 
 
 def is_export(url: str) -> bool:

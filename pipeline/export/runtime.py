@@ -2,10 +2,10 @@
 
 Contract
     `OnnxRunner(path, record)` opens an ONNX graph with onnxruntime and first checks it against what
-    `generator.json` records of it: input and output names, dtypes and ranks. A file that differs (edited or
-    replaced after export) is refused with one `ExportError` line. `Pt2Runner(program, record)` runs the bytes
-    of a torch.export program; it is only given programs this process serialized (`torch.export.load` unpickles,
-    so ganpipe never loads a `.pt2` it did not just write).
+    `generator.json` records of it: input and output names, dtypes and shapes (`batch` is any size), then the
+    files' sha256. A file that differs (edited or replaced after export) is refused with one `ExportError` line.
+    `Pt2Runner(program, record)` runs the bytes of a torch.export program; it is only given programs this process
+    serialized (`torch.export.load` unpickles, so ganpipe never loads a `.pt2` it did not just write).
     `GraphSampler` is a family's sampler over those runners: `generate`, `interpolation_frames` (in z) and the
     option checks of `Sampler`, with the conditioning's `graph_feed` making the inputs (a text prompt goes through
     the tokenizer and the text encoder graph). Images come back as `Sampler`'s do: float [-1, 1] NCHW tensors on
@@ -19,22 +19,23 @@ import io
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
 from pipeline.errors import ExportError, SamplingError
 from pipeline.export.format import read_export_meta
 from pipeline.models.conditioning import Conditioning, Request
-from pipeline.models.graph import GraphTensor
+from pipeline.models.graph import DTYPES, GraphTensor
 from pipeline.models.sampling import OptionDoc, Program, SampleOptions, Sampler, option_docs
+from pipeline.storage import protocols, sha256_of
 
-RUNTIMES = {"onnxruntime": "onnx"}  # `ganpipe generate --runtime` -> the export format it runs
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(bool)": "bool", "tensor(uint8)": "uint8"}
+_ORT_TYPES = {f"tensor({'float' if name == 'float32' else name})": name for name in DTYPES}
 
 
 class GraphRunner:
@@ -48,8 +49,12 @@ class GraphRunner:
         raise NotImplementedError
 
 
-def _describe(specs: Sequence[tuple[str, str, int]]) -> str:
-    return ", ".join(f"{name} ({dtype}, rank {rank})" for name, dtype, rank in specs)
+def _describe(specs: Sequence[tuple[str, str, tuple[Any, ...]]]) -> str:
+    return ", ".join(f"{name} ({dtype}, [{', '.join(map(str, shape))}])" for name, dtype, shape in specs)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
 
 
 class OnnxRunner(GraphRunner):
@@ -65,18 +70,23 @@ class OnnxRunner(GraphRunner):
         try:
             self.session = ort.InferenceSession(path, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:  # onnxruntime raises its own types for unreadable or invalid files
-            raise ExportError(f"{name} cannot be loaded by onnxruntime ({str(e).splitlines()[0][:200]})") from None
+            raise ExportError(f"{name} cannot be loaded by onnxruntime ({_first_line(e)})") from None
+        again = "export it again (`ganpipe export DIR --out DIR --format onnx`)"
         for kind, found, expected in (
             ("inputs", self.session.get_inputs(), self.inputs),
             ("outputs", self.session.get_outputs(), self.outputs),
         ):
-            have = [(a.name, _ORT_TYPES.get(a.type, a.type), len(a.shape)) for a in found]
-            want = [(t.name, t.dtype, len(t.shape)) for t in expected]
+            have = [(a.name, _ORT_TYPES.get(a.type, a.type), tuple(a.shape)) for a in found]
+            want = [(t.name, t.dtype, tuple(t.shape)) for t in expected]
             if have != want:
                 raise ExportError(
                     f"{name} has {kind} {_describe(have)} but generator.json records {_describe(want)}: the file "
-                    "was changed after export; export it again (`ganpipe export DIR --out DIR --format onnx`)"
+                    f"was changed after export; {again}"
                 )
+        folder = os.path.dirname(path)
+        for file, digest in record.get("sha256", {}).items():  # recorded for published files only
+            if sha256_of(LocalFileSystem(), os.path.join(folder, file))[1] != digest:
+                raise ExportError(f"{file} is not the file exported (its sha256 differs from generator.json); {again}")
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run([t.name for t in self.outputs], {t.name: feeds[t.name] for t in self.inputs})
@@ -133,18 +143,14 @@ class GraphSampler(Sampler):
         return torch.device("cpu")
 
     def offered_options(self) -> dict[str, OptionDoc]:
-        """The options this graph takes as inputs (StyleGAN: the truncation psi); the rest are fixed in it."""
-        return {name: doc for name, doc in option_docs(self.Options).items() if name in self._options}
-
-    def resolve(self, options: SampleOptions | None) -> Any:
-        """The options, checked not to ask for something the graph fixes otherwise (e.g. random noise)."""
-        opts = super().resolve(options)
+        """The options this graph takes as inputs (StyleGAN: the truncation psi), and the choices it fixes offered
+        with their one value (so that `--trunc-center global` can be said where the family's default differs)."""
         docs = option_docs(self.Options)
+        offered = {name: doc for name, doc in docs.items() if name in self._options}
         for name, value in self.sampler_cls.graph_fixed.items():
-            default = self.Options.__dataclass_fields__[name].default
-            if getattr(opts, name) not in (value, default):
-                raise SamplingError(f"{docs[name].flag} {getattr(opts, name)} is not available: the graph uses {value}")
-        return opts
+            if docs[name].choices is not None:
+                offered[name] = replace(docs[name], choices=(value,), help=f"the exported graph uses {value}")
+        return offered
 
     def _encode(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.encoder is None:
@@ -154,6 +160,9 @@ class GraphSampler(Sampler):
     def program(self, request: Request, options: SampleOptions | None = None) -> Program:
         opts = self.resolve(options)
         self.conditioning.check_request(request)
+        reason = self.sampler_cls.graph_unavailable(opts, request)
+        if reason is not None:
+            raise SamplingError(reason)
         values = {name: np.asarray(getattr(opts, name), dtype=t.dtype) for name, t in self._options.items()}
 
         def run(z: Tensor, first: int) -> Tensor:
@@ -167,19 +176,28 @@ class GraphSampler(Sampler):
         raise SamplingError("an exported graph draws images for a request (generate), not for a raw c")
 
 
-def _local_copy(url: str, into: str) -> str:
-    """`url` as a local path: itself when local, else downloaded into the folder `into`."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+def _local_copy(export_dir: str, name: str, keep: list[Any]) -> str:
+    """The export folder's file `name` as a local path: itself when local, else downloaded into a temporary folder
+    appended to `keep` (it lives as long as that list)."""
+    fs, path = fsspec.core.url_to_fs(f"{export_dir.rstrip('/')}/{name}")
+    if not fs.exists(path):
+        raise ExportError(
+            f"{name} is recorded in {export_dir}/generator.json but missing: export it again (`ganpipe export "
+            f"{export_dir} --out {export_dir} --format onnx`)"
+        )
+    if "file" in protocols(fs):
         return path
-    local = os.path.join(into, os.path.basename(path))
+    if not keep or not isinstance(keep[-1], tempfile.TemporaryDirectory):
+        keep.append(tempfile.TemporaryDirectory(prefix="ganpipe-onnx-"))
+    local = os.path.join(keep[-1].name, name)
     fs.get_file(path, local)
     return local
 
 
 def open_graph_sampler(export_dir: str, fmt: str = "onnx", keep: list[Any] | None = None) -> GraphSampler:
     """The sampler of the `fmt` graphs an export folder holds (ONNX only: ganpipe never loads a `.pt2` file it did not
-    write in this process). Files of a remote folder are downloaded to a temporary folder kept alive by `keep`."""
+    write in this process). Files of a remote folder are downloaded to a temporary folder appended to `keep`,
+    which must live as long as the sampler."""
     if fmt != "onnx":
         raise ExportError(f"running {fmt} files from an export folder is not supported: use onnx")
     meta = read_export_meta(export_dir)
@@ -191,19 +209,15 @@ def open_graph_sampler(export_dir: str, fmt: str = "onnx", keep: list[Any] | Non
         )
     family = meta.family_record
     conditioning = family.build_conditioning(meta.spec())
-    tmp = tempfile.TemporaryDirectory(prefix="ganpipe-onnx-")
-    if keep is not None:
-        keep.append(tmp)
+    keep = [] if keep is None else keep
     runners: dict[str, GraphRunner] = {}
     for name, graph in record["graphs"].items():
-        for extra in graph["files"][1:]:  # external weights lie beside the graph
-            _local_copy(f"{export_dir.rstrip('/')}/{extra}", tmp.name)
-        runners[name] = OnnxRunner(_local_copy(f"{export_dir.rstrip('/')}/{graph['files'][0]}", tmp.name), graph)
+        local = [_local_copy(export_dir, file, keep) for file in graph["files"]]  # external weights lie beside it
+        runners[name] = OnnxRunner(local[0], graph)
     return GraphSampler(family.sampler, conditioning, runners["generator"], runners.get("text_encoder"), meta.family)
 
 
 __all__ = [
-    "RUNTIMES",
     "GraphRunner",
     "GraphSampler",
     "OnnxRunner",

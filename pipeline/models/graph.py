@@ -36,8 +36,8 @@ class GraphTensor:
         return BATCH in self.shape
 
     def example(self, batch: int) -> Tensor:
-        """A tensor of this spec with `batch` rows, to trace a program with (zeros: a class index, token ids, a
-        mask; a truncation value of 0 would make the trace fold nothing away either)."""
+        """A tensor of this spec with `batch` rows, to trace a program with: zeros (a valid class index, token
+        ids and mask; tracing treats every value as symbolic, so zeros specialize nothing)."""
         shape = [batch if d == BATCH else int(d) for d in self.shape]
         return torch.zeros(shape, dtype=DTYPES[self.dtype])
 

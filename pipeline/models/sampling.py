@@ -17,7 +17,7 @@ Contract of the base `Sampler` (any G with `z_dim` and `forward(z, c) -> images 
 - Exported graphs (`pipeline.export.graph`): `graph_options` names the options that become graph inputs (scalars,
   e.g. StyleGAN's truncation psi), `graph_fixed` the values the graph fixes of the others (its noise mode, its
   truncation center); `graph_forward(z, c, *option_tensors)` is the traceable computation, equal to `generate`
-  with `graph_options(values)`. The base graph is `synthesize`.
+  with `graph_sample_options(values)`; `graph_unavailable` says when it is not. The base graph is `synthesize`.
 All functions run under `torch.no_grad()`.
 """
 
@@ -164,6 +164,18 @@ class Sampler:
     def graph_sample_options(cls, values: dict[str, Any]) -> SampleOptions:
         """The options under which `generate` draws what the graph draws with option inputs `values`."""
         return cls.Options(**cls.graph_fixed, **values)
+
+    @classmethod
+    def graph_unavailable(cls, options: SampleOptions, request: Request) -> str | None:
+        """Why an exported graph cannot draw what `options` ask for `request` (None: it draws what `generate`
+        would): an option the graph fixes, asked for with another value than the fixed one. Defaults pass, so
+        a family whose default differs from the fixed value where it matters must say so here."""
+        docs = option_docs(cls.Options)
+        for name, value in cls.graph_fixed.items():
+            asked, default = getattr(options, name), cls.Options.__dataclass_fields__[name].default
+            if asked not in (value, default):
+                return f"{docs[name].flag} {asked} is not available: the graph uses {value}"
+        return None
 
     def graph_forward(self, z: Tensor, c: Cond, *options: Tensor) -> Tensor:
         """Images for z and c with the `graph_options` as tensors: what an exported graph computes."""

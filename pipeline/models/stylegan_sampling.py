@@ -89,6 +89,16 @@ class StyleGANSampler(Sampler):
     graph_fixed: ClassVar[dict[str, Any]] = {"truncation_center": "global", "noise_mode": "const"}
     graph_option_examples: ClassVar[tuple[dict[str, Any], ...]] = ({"truncation_psi": 0.7}, {"truncation_psi": 1.0})
 
+    @classmethod
+    def graph_unavailable(cls, options: SampleOptions, request: Request) -> str | None:
+        opts: StyleGANOptions = options  # type: ignore[assignment]
+        if opts.truncation_psi != 1 and opts.truncation_center == "class" and request.class_idx is not None:
+            return (
+                "--trunc with --class truncates toward the class's average w, which an exported graph does not "
+                "hold: pass --trunc-center global (as the graph does) or use --runtime torch"
+            )
+        return super().graph_unavailable(options, request)
+
     @property
     def force_fp32(self) -> bool:
         """Whether the float16 blocks run in float32 here (see the module docstring)."""

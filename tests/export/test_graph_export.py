@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -139,7 +140,28 @@ def test_export_from_a_run_and_generate_with_onnxruntime(make_config, tmp_path: 
     assert np.abs(a - b).max() <= 1  # the same images, to a level of rounding
     capsys.readouterr()
     assert main(["generate", str(out), "--runtime", "onnxruntime", "--noise-mode", "random", "--out", "x.png"]) == 2
-    assert "--noise-mode is not available with --runtime onnxruntime" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--noise-mode: invalid choice: 'random' (choose from 'const')" in err, err
+    assert main(["generate", str(out), "--runtime", "onnxruntime", "--device", "cpu", "--out", "x.png"]) == 2
+    assert "--device is not available with --runtime onnxruntime: it runs on the CPU here" in capsys.readouterr().err
+
+
+def test_class_truncation_needs_the_global_center_with_onnxruntime(tmp_path: Path, capsys) -> None:
+    # The torch sampler truncates toward the class's average w by default; the graph holds only the global w_avg.
+    folder = _export(tmp_path / "export", c_dim=3)
+    export_generator(folder, folder, ["onnx"])
+    argv = ["generate", folder, "--seeds", "0-3", "--class", "1", "--trunc", "0.5", "--out"]
+    assert main([*argv, str(tmp_path / "x.png"), "--runtime", "onnxruntime"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass --trunc-center global (as the graph does) or use --runtime torch" in err
+    grids = {}
+    for runtime in ("torch", "onnxruntime"):
+        grids[runtime] = tmp_path / f"{runtime}.png"
+        assert main([*argv, str(grids[runtime]), "--trunc-center", "global", "--runtime", runtime]) == 0
+    a, b = (np.asarray(Image.open(grids[r]), dtype=int) for r in ("torch", "onnxruntime"))
+    assert np.abs(a - b).max() <= 1
+    assert main([*argv, str(tmp_path / "class.png"), "--runtime", "torch"]) == 0  # the class center: other images
+    assert np.abs(np.asarray(Image.open(tmp_path / "class.png"), dtype=int) - a).max() > 10
 
 
 def test_formats_are_added_later_and_dropped_with_new_weights(tmp_path: Path) -> None:
@@ -181,10 +203,29 @@ def test_a_changed_onnx_file_is_refused_in_one_line(unconditional: str, tmp_path
     )  # fmt: skip
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert proc.stderr.startswith(
-        "ganpipe: error: generator.onnx has inputs latent (float32, rank 2), truncation_psi (float32, rank 0) but "
-        "generator.json records z (float32, rank 2), truncation_psi (float32, rank 0): the file was changed after "
+        "ganpipe: error: generator.onnx has inputs latent (float32, [batch, 32]), truncation_psi (float32, []) but "
+        "generator.json records z (float32, [batch, 32]), truncation_psi (float32, []): the file was changed after "
         "export"
     )
+
+
+def test_a_replaced_or_missing_onnx_file_is_refused_in_one_line(unconditional: str, tmp_path: Path) -> None:
+    folder = tmp_path / "replaced"
+    folder.mkdir()
+    for name in ("generator.json", "generator.safetensors", "generator.onnx"):
+        (folder / name).write_bytes(Path(unconditional, name).read_bytes())
+    model = onnx.load(str(folder / "generator.onnx"))
+    model.producer_name = "someone else"  # same interface, other bytes
+    onnx.save(model, str(folder / "generator.onnx"))
+    with pytest.raises(ExportError, match=r"^generator.onnx is not the file exported \(its sha256 differs"):
+        open_graph_sampler(str(folder))
+    # A remote folder whose recorded file is gone: one line naming it, not a traceback.
+    remote = "memory://graphs-missing"
+    for name in ("generator.json", "generator.safetensors"):
+        with fsspec.open(f"{remote}/{name}", "wb") as fh:
+            fh.write(Path(unconditional, name).read_bytes())
+    with pytest.raises(ExportError, match=r"^generator.onnx is recorded in memory://graphs-missing/generator.json"):
+        open_graph_sampler(remote)
 
 
 def test_the_readme_onnxruntime_example_runs_without_ganpipe(unconditional: str, tmp_path: Path) -> None:
