@@ -130,13 +130,17 @@ def _cmd_bench_data(args: argparse.Namespace) -> int:
 def _cmd_bench_ops(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
     from pipeline.models.bench import synthesis_case
+    from pipeline.ops.aot import parse_targets
     from pipeline.ops.bench import parse_dtypes, run
 
     try:
         dtypes = parse_dtypes(args.dtypes)
+        targets = None if args.targets is None else parse_targets(args.targets)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    return run(quick=args.quick, dtypes=dtypes, warmup=args.warmup, rep=args.rep, synthesis=synthesis_case)
+    return run(
+        quick=args.quick, dtypes=dtypes, warmup=args.warmup, rep=args.rep, synthesis=synthesis_case, targets=targets
+    )
 
 
 def _eval_changes(args: argparse.Namespace) -> dict:
@@ -451,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16 (default fp32,bf16)")
     s.add_argument("--warmup", type=int, default=25, help="warm-up time per measurement, ms")
     s.add_argument("--rep", type=int, default=100, help="measurement time per timing, ms")
+    s.add_argument(
+        "--targets",
+        help="also compile every kernel variant for these GPU targets, e.g. sm_80,sm_90 (no GPU needed): shared "
+        "memory, registers, spills (default: this GPU's, if sm_80/sm_90)",
+    )
     s.set_defaults(func=_cmd_bench_ops)
 
     p = sub.add_parser(

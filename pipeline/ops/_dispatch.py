@@ -65,11 +65,12 @@ def exporting() -> bool:
     return torch.compiler.is_exporting()
 
 
-def resolve_impl(impl: str, x: torch.Tensor) -> str:
-    """Return the backend ('ref' or 'triton') that runs an op called with `impl` on input `x`.
+def resolve_impl(impl: str, x: torch.Tensor, kernel_limit: str | None = None) -> str:
+    """Return the backend ('ref' or 'triton') that runs an op called with `impl` on input `x`; `kernel_limit`
+    is why the op's kernel does not take this call's arguments (None: it does), so 'auto' picks 'ref'.
 
     Raises `ValueError` for an unknown name (in the argument or the environment variable) and
-    `OpsBackendUnavailable` when 'triton' is requested explicitly but cannot run on `x`.
+    `OpsBackendUnavailable` when 'triton' is requested explicitly but cannot run on `x` or these arguments.
     """
     assert isinstance(x, torch.Tensor)
     if impl not in IMPLS:
@@ -85,8 +86,8 @@ def resolve_impl(impl: str, x: torch.Tensor) -> str:
         return "ref"
     if impl == "auto":
         # Only CUDA tensors benefit; the interpreter is a test vehicle, orders of magnitude slower than 'ref'.
-        return "triton" if x.device.type == "cuda" and triton_installed() else "ref"
-    reason = triton_unavailable_reason(x)
+        return "triton" if x.device.type == "cuda" and triton_installed() and kernel_limit is None else "ref"
+    reason = triton_unavailable_reason(x) or kernel_limit
     if reason is not None:
         raise OpsBackendUnavailable(
             f"impl='triton' cannot run: {reason}; use impl='ref' or impl='auto'"

@@ -2,7 +2,9 @@
 that `TRITON_INTERPRET` (read by `triton.jit` when a kernel is decorated) can still be set by a test harness.
 
 Every launch configuration is a small named table at the top of this file (`UPFIRDN2D_TILES`, `BIAS_ACT_CONFIG`)
-so that it can be tuned from benchmark numbers without touching the kernels.
+so that it can be tuned from benchmark numbers without touching the kernels. What Triton compiles one binary for
+(pointer dtypes, constexprs, warps) is chosen per call by a pure `*_variant` function returning a `KernelVariant`;
+the launchers use it and `pipeline.ops.aot` compiles the same variants ahead of time for GPU targets.
 
 Design (all kernels compute in float32, or float64 for float64 inputs, and store in the input's dtype):
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -38,6 +41,7 @@ import triton.language as tl
 
 from pipeline.ops._ref import SELU_ALPHA as _SELU_ALPHA
 from pipeline.ops._ref import SELU_SCALE as _SELU_SCALE
+from pipeline.ops._tiles import filtered_lrelu_tiles
 
 # Activation ids shared with the launchers; the order is part of no public API.
 ACT_IDS: dict[str, int] = {
@@ -53,6 +57,43 @@ ACT_IDS: dict[str, int] = {
 }
 SELU_ALPHA: tl.constexpr = tl.constexpr(_SELU_ALPHA)
 SELU_SCALE: tl.constexpr = tl.constexpr(_SELU_SCALE)
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One binary of a kernel: the element dtype of each pointer argument, the constexprs, the warp count and the
+    pipelining depth of its loops (None: Triton's default; every other argument is a 32-bit scalar). Triton
+    specializes on nothing else that changes shared memory."""
+
+    kernel: str  # a key of KERNELS
+    pointers: tuple[tuple[str, torch.dtype], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    num_warps: int
+    num_stages: int | None = None
+
+    def __getitem__(self, name: str) -> Any:
+        return dict(self.constexprs)[name]
+
+    @property
+    def options(self) -> dict[str, int]:
+        """Triton's compile options of this variant."""
+        stages = {} if self.num_stages is None else {"num_stages": self.num_stages}
+        return {"num_warps": self.num_warps, **stages}
+
+    @property
+    def launch_kwargs(self) -> dict[str, Any]:
+        return {**dict(self.constexprs), **self.options}
+
+
+def _variant(
+    kernel: str, pointers: dict[str, torch.dtype], num_warps: int, num_stages: int | None = None, **constexprs: Any
+) -> KernelVariant:
+    return KernelVariant(kernel, tuple(pointers.items()), tuple(constexprs.items()), num_warps, num_stages)
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Kernels compute in float32, or in float64 for float64 tensors."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass(frozen=True)
@@ -81,6 +122,9 @@ UPFIRDN2D_TILES: dict[str, TileConfig] = {
     "down": TileConfig(block_h=8, block_w=64, num_warps=4),
     "same": TileConfig(block_h=16, block_w=64, num_warps=4),
 }
+# Taps read per output (ceil(fh/up_y) * ceil(fw/up_x), all unrolled) above which a tile's loads in flight spill
+# registers at 4 warps (sm_90, 12x12 2x upsampling: 36 taps; `pipeline.ops.aot` measures it).
+UPFIRDN2D_MAX_TAPS = 16
 # bias_act: 4096 elements / 256 threads = 16 per thread = two 128-bit vectors in bf16, four in fp32.
 BIAS_ACT_CONFIG = ElementwiseConfig(block=4096, num_warps=8)
 # Row mode (channel is a per-program scalar) when each (n, c) row holds at least this many elements.
@@ -99,6 +143,26 @@ def _pick_tile(up_x: int, up_y: int, down_x: int, down_y: int, out_w: int) -> tu
         cfg = UPFIRDN2D_TILES["same"]
     block_w = min(cfg.block_w, max(16, triton.next_power_of_2(out_w)))
     return cfg.block_h * cfg.block_w // block_w, block_w, cfg.num_warps
+
+
+def upfirdn2d_variant(
+    dtype: torch.dtype,
+    filter_shape: tuple[int, int],
+    up: tuple[int, int],
+    down: tuple[int, int],
+    pad: tuple[int, int, int, int],
+    out_w: int,
+) -> KernelVariant:
+    """The `_upfirdn2d_kernel` binary for x of `dtype`, a [fh, fw] kernel, up/down (x, y), pad (x0, x1, y0, y1)."""
+    (ux, uy), (dx, dy), (fh, fw) = up, down, filter_shape
+    block_h, block_w, num_warps = _pick_tile(ux, uy, dx, dy, out_w)
+    if -(-fh // uy) * -(-fw // ux) > UPFIRDN2D_MAX_TAPS:  # half the outputs per thread, or registers spill
+        block_h, num_warps = max(1, block_h // 2), num_warps * 2
+    pointers = {"x_ptr": dtype, "k_ptr": _accumulator(dtype), "y_ptr": dtype}
+    return _variant(
+        "upfirdn2d", pointers, num_warps, UX=ux, UY=uy, DX=dx, DY=dy, PX0=pad[0], PY0=pad[2], FW=fw, FH=fh,
+        BLOCK_H=block_h, BLOCK_W=block_w,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -175,14 +239,12 @@ def upfirdn2d(
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    block_h, block_w, num_warps = _pick_tile(ux, uy, dx, dy, wo)
+    variant = upfirdn2d_variant(x.dtype, (fh, fw), up, down, pad, wo)
     rows = n * c * ho
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _upfirdn2d_kernel[(triton.cdiv(rows, block_h), triton.cdiv(wo, block_w))](
-            x, k, y, h, w, ho, wo, rows,
-            UX=ux, UY=uy, DX=dx, DY=dy, PX0=px0, PY0=py0, FW=fw, FH=fh,
-            BLOCK_H=block_h, BLOCK_W=block_w, num_warps=num_warps,
-        )  # fmt: skip
+        _upfirdn2d_kernel[(triton.cdiv(rows, variant["BLOCK_H"]), triton.cdiv(wo, variant["BLOCK_W"]))](
+            x, k, y, h, w, ho, wo, rows, **variant.launch_kwargs
+        )
     return y
 
 
@@ -311,6 +373,20 @@ def _bias_act_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
+def bias_act_variant(
+    dtype: torch.dtype, act: str, has_bias: bool, has_clamp: bool, grad: bool, rows: bool
+) -> KernelVariant:
+    """The `_bias_act_kernel` binary: forward or gradient (`grad`), per-row channel (`rows`) or flat indexing."""
+    f64 = dtype == torch.float64
+    pointers = {name: dtype for name in ("x_ptr", "b_ptr", "dy_ptr", "out_ptr")}
+    pointers["params_ptr"] = torch.float64 if f64 else dtype
+    cfg = BIAS_ACT_CONFIG
+    return _variant(
+        "bias_act", pointers, cfg.num_warps, ACT=ACT_IDS[act], HAS_BIAS=has_bias, HAS_CLAMP=has_clamp, GRAD=grad,
+        ROWS=rows, F64=f64, BLOCK=cfg.block,
+    )  # fmt: skip
+
+
 def bias_act(
     x: torch.Tensor,
     b: torch.Tensor | None,
@@ -335,9 +411,10 @@ def bias_act(
         b = b.contiguous()
     if dy is not None:
         dy = dy.contiguous()
-    cfg = BIAS_ACT_CONFIG
     use_rows = inner >= BIAS_ACT_ROW_MIN_INNER and rows <= MAX_GRID_Y
-    grid = (triton.cdiv(inner, cfg.block), rows) if use_rows else (triton.cdiv(numel, cfg.block),)
+    variant = bias_act_variant(x.dtype, act, b is not None, clamp is not None, dy is not None, use_rows)
+    block = variant["BLOCK"]
+    grid = (triton.cdiv(inner, block), rows) if use_rows else (triton.cdiv(numel, block),)
     clamp_value = float(clamp if clamp is not None else 0.0)
     f64 = x.dtype == torch.float64
     # Only float64 needs the parameters at full precision; a host-to-device copy per call would cost a sync.
@@ -345,9 +422,7 @@ def bias_act(
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _bias_act_kernel[grid](
             x, b if b is not None else x, dy if dy is not None else x, out,
-            numel, channels, inner, float(alpha), float(gain), clamp_value, params,
-            ACT=ACT_IDS[act], HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None, GRAD=dy is not None,
-            ROWS=use_rows, F64=f64, BLOCK=cfg.block, num_warps=cfg.num_warps,
+            numel, channels, inner, float(alpha), float(gain), clamp_value, params, **variant.launch_kwargs,
         )  # fmt: skip
     return out
 
@@ -411,6 +486,22 @@ def _scale_bias_act_kernel(
     tl.store(y_ptr + offs, z.to(y_ptr.dtype.element_ty), mask=m)
 
 
+def scale_bias_act_variant(
+    dtype: torch.dtype, act: str, has_noise: bool, has_bias: bool, has_clamp: bool, plane: int
+) -> KernelVariant:
+    """The `_scale_bias_act_kernel` binary for [N, C, H, W] planes of H*W = `plane` elements (s, noise and b come in
+    x's dtype)."""
+    f64 = dtype == torch.float64
+    pointers = {name: dtype for name in ("x_ptr", "s_ptr", "noise_ptr", "b_ptr", "y_ptr")}
+    pointers["params_ptr"] = torch.float64 if f64 else dtype
+    cfg = SCALE_BIAS_ACT_CONFIG
+    block_c = min(cfg.block, max(16, triton.next_power_of_2(plane)))
+    return _variant(
+        "scale_bias_act", pointers, cfg.num_warps, HAS_NOISE=has_noise, HAS_BIAS=has_bias, ACT=ACT_IDS[act],
+        HAS_CLAMP=has_clamp, F64=f64, BLOCK_R=cfg.block // block_c, BLOCK_C=block_c,
+    )  # fmt: skip
+
+
 def scale_bias_act(
     x: torch.Tensor,
     s: torch.Tensor,
@@ -435,18 +526,15 @@ def scale_bias_act(
         strides = tuple(int(st) for st in noise.stride())
     if b is not None:
         b = b.contiguous()
-    cfg = SCALE_BIAS_ACT_CONFIG
-    block_c = min(cfg.block, max(16, triton.next_power_of_2(h * w)))
-    block_r = cfg.block // block_c
+    variant = scale_bias_act_variant(x.dtype, act, noise is not None, b is not None, clamp is not None, h * w)
+    block_r, block_c = variant["BLOCK_R"], variant["BLOCK_C"]
     clamp_value = float(clamp if clamp is not None else 0.0)
     f64 = x.dtype == torch.float64
     params = torch.tensor([alpha, gain, clamp_value], dtype=torch.float64, device=x.device) if f64 else x
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _scale_bias_act_kernel[(triton.cdiv(n * c, block_r), triton.cdiv(h * w, block_c))](
             x, s, noise if noise is not None else x, b if b is not None else x, y,
-            n * c, c, h * w, w, *strides, float(alpha), float(gain), clamp_value, params,
-            HAS_NOISE=noise is not None, HAS_BIAS=b is not None, ACT=ACT_IDS[act], HAS_CLAMP=clamp is not None,
-            F64=f64, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=cfg.num_warps,
+            n * c, c, h * w, w, *strides, float(alpha), float(gain), clamp_value, params, **variant.launch_kwargs,
         )  # fmt: skip
     return y
 
@@ -458,7 +546,6 @@ def scale_bias_act(
 # Dy_r[t, j] = kdy_r[j - t down]; r runs over a separable factorization of each 2-D correlation kernel (rank 1
 # for the 1-D filters StyleGAN3 mostly uses; the rows of a 2-D kernel otherwise). The products are tl.dot, on
 # tensor cores where the dtype allows.
-FILTERED_LRELU_TILE = 16
 
 
 @triton.jit
@@ -537,7 +624,7 @@ def _filtered_lrelu_kernel(
     ay = m[None, :] * UP + dly - j[:, None]
     ax = m[:, None] * UP + dlx - j[None, :]
     u = tl.zeros([VB, VB], dtype=acc_t)
-    for r in tl.static_range(RU):
+    for r in range(RU):  # a loop, not unrolled: unrolled, rank 12 took 330 s to compile and spilled
         uy = tl.load(kuy_ptr + r * LUH + ay, mask=(ay >= 0) & (ay < LUH), other=0.0).to(acc_t)
         uxt = tl.load(kux_ptr + r * LUW + ax, mask=(ax >= 0) & (ax < LUW), other=0.0).to(acc_t)
         u += tl.dot(tl.dot(uy, xt, input_precision=PRECISION), uxt, input_precision=PRECISION)
@@ -552,7 +639,7 @@ def _filtered_lrelu_kernel(
     dy_idx = j[None, :] - t[:, None] * DOWN
     dx_idx = j[:, None] - t[None, :] * DOWN
     y = tl.zeros([TILE, TILE], dtype=acc_t)
-    for r in tl.static_range(RD):
+    for r in range(RD):
         dyr = tl.load(kdy_ptr + r * LDH + dy_idx, mask=(dy_idx >= 0) & (dy_idx < LDH), other=0.0).to(acc_t)
         dxt = tl.load(kdx_ptr + r * LDW + dx_idx, mask=(dx_idx >= 0) & (dx_idx < LDW), other=0.0).to(acc_t)
         y += tl.dot(tl.dot(dyr, v, input_precision=PRECISION), dxt, input_precision=PRECISION)
@@ -561,6 +648,39 @@ def _filtered_lrelu_kernel(
     ox = tx0 + t
     om = (oy < HO)[:, None] & (ox < WO)[None, :]
     tl.store(y_ptr + plane * HO * WO + (oy * WO)[:, None] + ox[None, :], y.to(y_ptr.dtype.element_ty), mask=om)
+
+
+def filtered_lrelu_variant(
+    dtype: torch.dtype,
+    up_factors: tuple[int, int, int],
+    down_factors: tuple[int, int, int],
+    up: int,
+    down: int,
+    pad: tuple[int, int, int, int],
+    has_bias: bool,
+    has_clamp: bool,
+) -> KernelVariant:
+    """The `_filtered_lrelu_kernel` binary for x of `dtype`; up/down_factors = (rank, taps along y, taps along x)
+    of the separable factors. V and X tiles grow with the filters and factors: VB covers the upsampled rows one
+    output tile reads, XB the input rows they come from."""
+    (ru, luh, luw), (rd, ldh, ldw) = up_factors, down_factors
+    px0, _, py0, _ = pad
+    tile, vb, xb = filtered_lrelu_tiles(up, down, max(luh, luw), max(ldh, ldw))
+    f64 = dtype == torch.float64
+    acc = _accumulator(dtype)
+    pointers = {"x_ptr": dtype, "b_ptr": dtype, "kuy_ptr": acc, "kux_ptr": acc, "kdy_ptr": acc, "kdx_ptr": acc}
+    pointers |= {"y_ptr": dtype, "params_ptr": torch.float64 if f64 else dtype}
+    # Warps grow with the tile, and with a rank loop over 32/64-bit tiles, or the products spill registers
+    # (sm_80/sm_90, measured with `pipeline.ops.aot`): 64-wide: 8; float32 rank 4: twice that. One stage: the rank
+    # loop loads a few filter taps, so pipelining it buys nothing and costs shared memory and registers.
+    wide_rank = max(ru, rd) > 1 and dtype.itemsize >= 4
+    num_warps = 4 * max(1, vb // 32) * (2 if wide_rank else 1)
+    return _variant(
+        "filtered_lrelu", pointers, num_warps, 1, UP=up, DOWN=down, PX0=px0, PY0=py0,
+        PAD_OFF=up * (max(abs(px0), abs(py0)) // up + 1), LUH=luh, LUW=luw, LDH=ldh, LDW=ldw, RU=ru, RD=rd,
+        HAS_BIAS=has_bias, HAS_CLAMP=has_clamp, F64=f64,
+        PRECISION="ieee" if dtype in (torch.float32, torch.float64) else "tf32", TILE=tile, VB=vb, XB=xb,
+    )  # fmt: skip
 
 
 def filtered_lrelu(
@@ -590,21 +710,25 @@ def filtered_lrelu(
     y = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
-    tile = FILTERED_LRELU_TILE
-    vb = max(16, triton.next_power_of_2((tile - 1) * down + max(ldh, ldw)))
-    xb = max(16, triton.next_power_of_2((vb + max(luh, luw) - 2) // up + 2))
-    f64 = x.dtype == torch.float64
+    variant = filtered_lrelu_variant(
+        x.dtype, (ru, luh, luw), (rd, ldh, ldw), up, down, pad, b is not None, clamp is not None
+    )
+    tile = variant["TILE"]
     clamp_value = float(clamp if clamp is not None else 0.0)
+    f64 = x.dtype == torch.float64
     params = torch.tensor([gain, slope, clamp_value], dtype=torch.float64, device=x.device) if f64 else x
     grid = (n * c * triton.cdiv(ho, tile) * triton.cdiv(wo, tile),)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _filtered_lrelu_kernel[grid](
             x, b if b is not None else x, kuy.contiguous(), kux.contiguous(), kdy.contiguous(), kdx.contiguous(), y,
-            c, h, w, ho, wo, float(gain), float(slope), clamp_value, params,
-            UP=up, DOWN=down, PX0=px0, PY0=py0, PAD_OFF=up * (max(abs(px0), abs(py0)) // up + 1),
-            LUH=luh, LUW=luw, LDH=ldh, LDW=ldw, RU=ru, RD=rd,
-            HAS_BIAS=b is not None, HAS_CLAMP=clamp is not None, F64=f64,
-            PRECISION="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
-            TILE=tile, VB=vb, XB=xb,
+            c, h, w, ho, wo, float(gain), float(slope), clamp_value, params, **variant.launch_kwargs,
         )  # fmt: skip
     return y
+
+
+KERNELS = {
+    "upfirdn2d": _upfirdn2d_kernel,
+    "bias_act": _bias_act_kernel,
+    "scale_bias_act": _scale_bias_act_kernel,
+    "filtered_lrelu": _filtered_lrelu_kernel,
+}

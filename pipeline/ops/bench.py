@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from pipeline.ops import bias_act, downsample2d, filtered_lrelu, setup_filter, upsample2d
+from pipeline.ops import aot, bias_act, downsample2d, filtered_lrelu, setup_filter, upsample2d
 from pipeline.ops._custom_ops import scale_bias_act_op
 from pipeline.ops._dispatch import OpsFallbackWarning, triton_unavailable_reason
 
@@ -185,10 +185,15 @@ class BenchCheckFailed(SystemExit):
     reference or its kernel failed. A SystemExit whose code is the message: the process exits with status 1 and the
     message on stderr (`pipeline.cli.main` returns 1 after printing it), whoever called the benchmark."""
 
-    def __init__(self, failed: Sequence[Check], total: int):
+    def __init__(self, failed: Sequence[Check], total: int, compile_failures: Sequence[str] = ()):
         self.checks = tuple(failed)
-        names = ", ".join(c.case.label for c in failed)
-        super().__init__(f"bench ops: {len(failed)} of {total} case(s) failed the triton-vs-ref check: {names}")
+        if compile_failures:
+            message = (f"bench ops: {len(compile_failures)} of {total} kernel variant(s) cannot run on their target, "
+                       f"e.g. {compile_failures[0]}")  # fmt: skip
+        else:
+            names = ", ".join(c.case.label for c in failed)
+            message = f"bench ops: {len(failed)} of {total} case(s) failed the triton-vs-ref check: {names}"
+        super().__init__(message)
 
 
 def forward_backward(fn: Callable[[], Tensor], inputs: list[Tensor]) -> list[Tensor]:
@@ -497,11 +502,17 @@ def run(
     rep: int = 100,
     synthesis: SynthesisFactory | None = None,
     print_fn: Callable[[str], None] = print,
+    targets: Sequence[str] | None = None,
 ) -> int:
-    """Run the benchmark (CUDA) or the correctness-only pass (no CUDA) and print markdown. Returns 0 when every
-    case's check passed; raises `BenchCheckFailed` (exit status 1) after printing otherwise."""
+    """Run the benchmark (CUDA) or the correctness-only pass (no CUDA) and print markdown, then the kernels
+    compiled for `targets` (default: this GPU's architecture when it is one of `aot.GPU_TARGETS`; none without
+    CUDA). Returns 0 when every check passed; raises `BenchCheckFailed` (exit status 1) after printing otherwise."""
     if not torch.cuda.is_available():
-        return correctness_pass(print_fn)
+        status = correctness_pass(print_fn)
+        return compile_pass(targets, print_fn) if targets else status
+    if targets is None:
+        major, minor = torch.cuda.get_device_capability()
+        targets = [t for t in (f"sm_{major}{minor}",) if t in aot.GPU_TARGETS]
     device = "cuda"
     name = torch.cuda.get_device_name()
     copy_gbps = copy_bandwidth_gbps(device)
@@ -510,7 +521,8 @@ def run(
     cases = target_cases(device) + stylegan2_cases(32, resolutions, dtypes, device)
     if synthesis is not None:
         cases.append(network_case(synthesis(256, torch.bfloat16, device)))
-    return timing_pass(cases, copy_gbps, warmup, rep, print_fn)
+    status = timing_pass(cases, copy_gbps, warmup, rep, print_fn)
+    return compile_pass(targets, print_fn) if targets else status
 
 
 def timing_pass(
@@ -566,6 +578,22 @@ def correctness_pass(print_fn: Callable[[str], None] = print) -> int:
         )
     print_fn("\n".join(lines))
     return _verdict(checks, print_fn)
+
+
+def compile_pass(targets: Sequence[str], print_fn: Callable[[str], None] = print, workers: int = 2) -> int:
+    """Compile every kernel variant the ops can launch for `targets` (no GPU needed; `pipeline.ops.aot`) and print
+    their shared memory, registers and spills. Raises `BenchCheckFailed` when one fails to compile, needs more
+    shared memory than its target has or spills in a hot (non-float64) variant."""
+    print_fn(f"\ncompiled for {', '.join(targets)} (Triton ahead of time; every variant the ops can launch):\n")
+    results, failures = aot.compile_space(targets, workers=workers)
+    print_fn(aot.resource_table(results, most=5))
+    bad = failures + [f"{aot.describe(r.variant)} on {r.target}: {'; '.join(aot.problems(r))}" for r in results
+                      if aot.problems(r)]  # fmt: skip
+    for line in bad:
+        print_fn(f"FAIL {line}")
+    if bad:
+        raise BenchCheckFailed([], len(results) + len(failures), compile_failures=bad)
+    return 0
 
 
 def parse_dtypes(text: str) -> tuple[torch.dtype, ...]:

@@ -16,6 +16,12 @@ that keeps the upsampled tile on chip: along each axis both FIR steps are banded
 so a 2-D filter is handed to it as a separable factorization sum_r ky[r] outer kx[r] (rank 1 for a 1-D filter,
 the kernel's rows otherwise). Its backward is written with the fused upfirdn2d and bias_act ops (the
 upsampled pre-activation is recomputed, not stored), so it is differentiable twice.
+
+The kernel's tiles (`filtered_lrelu_tiles`) grow with the filters and factors; it takes a call only when they
+stay within MAX_BLOCK (64 x 64), where every variant fits a GPU's shared memory (A100: 163 KiB per block) and
+keeps its values in registers (`pipeline.ops.aot` checks both; 128-wide X tiles spilled kilobytes per thread).
+Longer filters or larger factors (e.g. up=1, down=4 with 12 taps: 128 x 256 tiles, 1 MiB in float64) run the
+reference under impl='auto' and are refused in one line under impl='triton'.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import torch
 
 from pipeline.ops._custom_ops import filtered_lrelu_op
 from pipeline.ops._dispatch import resolve_impl
+from pipeline.ops._tiles import kernel_limit
 from pipeline.ops.bias_act import bias_act
 from pipeline.ops.upfirdn2d import Padding, filter_size, parse_padding, upfirdn2d
 
@@ -60,11 +67,10 @@ def filtered_lrelu(
         )
     if b is not None:
         assert isinstance(b, torch.Tensor) and b.shape == (x.shape[1],), f"b must have shape [{x.shape[1]}]"
-    impl = resolve_impl(impl, x)
-
     n, c, h, w = (int(s) for s in x.shape)
     fu_w, fu_h = filter_size(fu)
     fd_w, fd_h = filter_size(fd)
+    impl = resolve_impl(impl, x, kernel_limit(up, down, max(fu_w, fu_h), max(fd_w, fd_h)))
     px0, px1, py0, py1 = parse_padding(padding)
     out_w = (w * up + px0 + px1 - (fu_w - 1) - (fd_w - 1) + (down - 1)) // down
     out_h = (h * up + py0 + py1 - (fu_h - 1) - (fd_h - 1) + (down - 1)) // down

@@ -28,6 +28,8 @@ from pipeline.ops import (
     upsample2d,
 )
 from pipeline.ops._custom_ops import scale_bias_act_op
+from pipeline.ops._dispatch import OpsBackendUnavailable
+from pipeline.ops._tiles import kernel_limit
 from pipeline.ops.upfirdn2d import filter_size, parse_padding
 
 pytestmark = pytest.mark.usefixtures("interpreter")
@@ -287,9 +289,9 @@ def test_filtered_lrelu(up, down, padding, clamp):
     fd = setup_filter([1, 2, 1], separable=True)
     x, b = _randn(2, 3, 6, 5), _randn(3, seed=1)
     expected = _filtered_lrelu_by_definition(x, fu, fd, b, up, down, padding, math.sqrt(2), 0.2, clamp)
-    for impl in ("ref", "triton"):
-        y = filtered_lrelu(x, fu, fd, b, up=up, down=down, padding=padding, clamp=clamp, impl=impl)
-        _close(y, expected, torch.float64)
+    kw = dict(up=up, down=down, padding=padding, clamp=clamp)
+    _close(filtered_lrelu(x, fu, fd, b, impl="ref", **kw), expected, torch.float64)
+    _check_triton_filtered_lrelu(x, fu, fd, b, kw, expected)
     assert filtered_lrelu(x).shape == x.shape  # no filters, no resampling: a scaled leaky ReLU
     torch.testing.assert_close(filtered_lrelu(x, impl="triton"), torch.nn.functional.leaky_relu(x, 0.2) * math.sqrt(2))
     with pytest.raises(AssertionError, match="b must have shape"):
@@ -327,11 +329,22 @@ def test_filtered_lrelu_single_kernel_grid(fu_name, fd_name):
         if h < fh_u + fh_d - 1 or w < fw_u + fw_d - 1:
             continue  # this filter pair is too long for the case's padding
         expected = filtered_lrelu(x, fu, fd, b, impl="ref", **kw)
-        _close(filtered_lrelu(x, fu, fd, b, impl="triton", **kw), expected, torch.float64)
-        b32 = None if b is None else b.float()
-        _close(filtered_lrelu(x.float(), fu, fd, b32, impl="triton", **kw), expected.float(), torch.float32)
-        checked += 1
+        checked += _check_triton_filtered_lrelu(x, fu, fd, b, kw, expected)
     assert checked >= 3
+
+
+def _check_triton_filtered_lrelu(x, fu, fd, b, kw, expected) -> bool:
+    """The kernel against `expected` in float64 and float32 where it takes the geometry; where it does not (tiles
+    over its limit), the one-line refusal. Whether the kernel was checked."""
+    (fw_u, fh_u), (fw_d, fh_d) = filter_size(fu), filter_size(fd)
+    if kernel_limit(kw["up"], kw["down"], max(fw_u, fh_u), max(fw_d, fh_d)) is not None:
+        with pytest.raises(OpsBackendUnavailable, match=r"kernel takes tiles up to 64x64; up=\d, down=\d with"):
+            filtered_lrelu(x, fu, fd, b, impl="triton", **kw)  # its tiles would not fit in registers
+        return False
+    for dtype in (torch.float64, torch.float32):
+        bd = None if b is None else b.to(dtype)
+        _close(filtered_lrelu(x.to(dtype), fu, fd, bd, impl="triton", **kw), expected.to(dtype), dtype)
+    return True
 
 
 def test_filtered_lrelu_bf16_and_layouts():
