@@ -13,10 +13,12 @@ def _next_power_of_2(n: int) -> int:
 
 
 def filtered_lrelu_tiles(up: int, down: int, up_taps: int, down_taps: int) -> tuple[int, int, int]:
-    """(TILE, VB, XB) of the kernel for the longest sides of the up/down filters: VB covers the upsampled rows
-    (columns) one output tile reads, XB the input rows they come from; both powers of two, at least 16."""
-    vb = max(16, _next_power_of_2((TILE - 1) * down + down_taps))
-    xb = max(16, _next_power_of_2((vb + up_taps - 2) // up + 2))
+    """(TILE, VB, XB) of the kernel for the longest sides of the up/down filters: VB covers the `rows` upsampled
+    rows (columns) one output tile reads, XB the input rows those come from; both powers of two, at least 16.
+    (V rows past `rows` meet zero taps of the downsampling band, so X need not cover them.)"""
+    rows = (TILE - 1) * down + down_taps
+    vb = max(16, _next_power_of_2(rows))
+    xb = max(16, _next_power_of_2((rows + up_taps - 2) // up + 2))
     return TILE, vb, xb
 
 

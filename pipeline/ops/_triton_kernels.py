@@ -41,7 +41,7 @@ import triton.language as tl
 
 from pipeline.ops._ref import SELU_ALPHA as _SELU_ALPHA
 from pipeline.ops._ref import SELU_SCALE as _SELU_SCALE
-from pipeline.ops._tiles import filtered_lrelu_tiles
+from pipeline.ops._tiles import filtered_lrelu_tiles, kernel_limit
 
 # Activation ids shared with the launchers; the order is part of no public API.
 ACT_IDS: dict[str, int] = {
@@ -122,8 +122,9 @@ UPFIRDN2D_TILES: dict[str, TileConfig] = {
     "down": TileConfig(block_h=8, block_w=64, num_warps=4),
     "same": TileConfig(block_h=16, block_w=64, num_warps=4),
 }
-# Taps read per output (ceil(fh/up_y) * ceil(fw/up_x), all unrolled) above which a tile's loads in flight spill
-# registers at 4 warps (sm_90, 12x12 2x upsampling: 36 taps; `pipeline.ops.aot` measures it).
+# Taps read per output (ceil(fh/up_y) * ceil(fw/up_x)) above which the tap rows become a loop: unrolled, 36 taps
+# (12x12, 2x up) spilled registers at 4 warps on sm_90 and 576 (24x24, 4x down: filtered_lrelu's backward) took
+# 339 s to compile; rolled, 0.3-1.1 s and under 60 registers (`pipeline.ops.aot` measures it).
 UPFIRDN2D_MAX_TAPS = 16
 # bias_act: 4096 elements / 256 threads = 16 per thread = two 128-bit vectors in bf16, four in fp32.
 BIAS_ACT_CONFIG = ElementwiseConfig(block=4096, num_warps=8)
@@ -156,13 +157,32 @@ def upfirdn2d_variant(
     """The `_upfirdn2d_kernel` binary for x of `dtype`, a [fh, fw] kernel, up/down (x, y), pad (x0, x1, y0, y1)."""
     (ux, uy), (dx, dy), (fh, fw) = up, down, filter_shape
     block_h, block_w, num_warps = _pick_tile(ux, uy, dx, dy, out_w)
-    if -(-fh // uy) * -(-fw // ux) > UPFIRDN2D_MAX_TAPS:  # half the outputs per thread, or registers spill
-        block_h, num_warps = max(1, block_h // 2), num_warps * 2
+    rolled = -(-fh // uy) * -(-fw // ux) > UPFIRDN2D_MAX_TAPS
     pointers = {"x_ptr": dtype, "k_ptr": _accumulator(dtype), "y_ptr": dtype}
     return _variant(
         "upfirdn2d", pointers, num_warps, UX=ux, UY=uy, DX=dx, DY=dy, PX0=pad[0], PY0=pad[2], FW=fw, FH=fh,
-        BLOCK_H=block_h, BLOCK_W=block_w,
+        BLOCK_H=block_h, BLOCK_W=block_w, ROLLED=rolled,
     )  # fmt: skip
+
+
+@triton.jit
+def _upfirdn2d_tap_row(
+    acc, j, ay0, ax0, py, px, x_rows, k_ptr, H, W, in_rows, in_cols,
+    UX: tl.constexpr, UY: tl.constexpr, FW: tl.constexpr, FH: tl.constexpr,
+):  # fmt: skip
+    """acc + the taps of filter row ay0 + j * UY (those on real samples), for every output of the tile."""
+    ay = ay0 + j * UY
+    iy = (py + ay) // UY  # exact: py + ay is a multiple of UY
+    row_ok = (ay < FH) & (iy >= 0) & (iy < H) & in_rows
+    for i in tl.static_range((FW + UX - 1) // UX):
+        ax = ax0 + i * UX
+        ix = (px + ax) // UX
+        col_ok = (ax < FW) & (ix >= 0) & (ix < W) & in_cols
+        m = row_ok[:, None] & col_ok[None, :]
+        v = tl.load((x_rows + iy * W)[:, None] + ix[None, :], mask=m, other=0.0)
+        kv = tl.load(k_ptr + ay[:, None] * FW + ax[None, :], mask=m, other=0.0)
+        acc += v.to(acc.dtype) * kv
+    return acc
 
 
 @triton.jit
@@ -185,6 +205,7 @@ def _upfirdn2d_kernel(
     FH: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
+    ROLLED: tl.constexpr,
 ):
     # Rows of the tile index the flattened (plane, output row) axis, so that one program covers several small
     # planes (4x4 .. 16x16 outputs would otherwise leave most of a 16 x 64 tile masked off).
@@ -202,18 +223,12 @@ def _upfirdn2d_kernel(
     in_rows = r < ROWS
     in_cols = ox < WO
     acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=k_ptr.dtype.element_ty)
-    for j in tl.static_range((FH + UY - 1) // UY):
-        ay = ay0 + j * UY
-        iy = (py + ay) // UY  # exact: py + ay is a multiple of UY
-        row_ok = (ay < FH) & (iy >= 0) & (iy < H) & in_rows
-        for i in tl.static_range((FW + UX - 1) // UX):
-            ax = ax0 + i * UX
-            ix = (px + ax) // UX
-            col_ok = (ax < FW) & (ix >= 0) & (ix < W) & in_cols
-            m = row_ok[:, None] & col_ok[None, :]
-            v = tl.load((x_rows + iy * W)[:, None] + ix[None, :], mask=m, other=0.0)
-            kv = tl.load(k_ptr + ay[:, None] * FW + ax[None, :], mask=m, other=0.0)
-            acc += v.to(acc.dtype) * kv
+    if ROLLED:  # many taps: a loop over tap rows keeps the code (and its compile time) small
+        for j in range((FH + UY - 1) // UY):
+            acc = _upfirdn2d_tap_row(acc, j, ay0, ax0, py, px, x_rows, k_ptr, H, W, in_rows, in_cols, UX, UY, FW, FH)
+    else:
+        for j in tl.static_range((FH + UY - 1) // UY):
+            acc = _upfirdn2d_tap_row(acc, j, ay0, ax0, py, px, x_rows, k_ptr, H, W, in_rows, in_cols, UX, UY, FW, FH)
     out_ok = in_rows[:, None] & in_cols[None, :]
     tl.store(y_ptr + (r * WO)[:, None] + ox[None, :], acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
@@ -429,8 +444,11 @@ def bias_act(
 
 # scale_bias_act: one pass over [N, C, H, W] viewed as [N*C rows, H*W columns]; a tile is BLOCK_R rows x BLOCK_C
 # columns (BLOCK_C shrinks to H*W for small planes, BLOCK_R grows to keep 4096 elements per program), so the
-# per-(n, c) scale and the per-channel bias are loaded once per row, not once per element.
+# per-(n, c) scale and the per-channel bias are loaded once per row, not once per element. Rows of 1024 columns
+# or more take 16 warps: at 8, ptxas held the float32 4 x 1024 tile to 64 registers and spilled on sm_80, and 4
+# warps spilled on narrow tiles (`pipeline.ops.aot`).
 SCALE_BIAS_ACT_CONFIG = ElementwiseConfig(block=4096, num_warps=8)
+SCALE_BIAS_ACT_WIDE_WARPS = 16
 
 
 @triton.jit
@@ -496,8 +514,9 @@ def scale_bias_act_variant(
     pointers["params_ptr"] = torch.float64 if f64 else dtype
     cfg = SCALE_BIAS_ACT_CONFIG
     block_c = min(cfg.block, max(16, triton.next_power_of_2(plane)))
+    num_warps = SCALE_BIAS_ACT_WIDE_WARPS if block_c >= 1024 else cfg.num_warps
     return _variant(
-        "scale_bias_act", pointers, cfg.num_warps, HAS_NOISE=has_noise, HAS_BIAS=has_bias, ACT=ACT_IDS[act],
+        "scale_bias_act", pointers, num_warps, HAS_NOISE=has_noise, HAS_BIAS=has_bias, ACT=ACT_IDS[act],
         HAS_CLAMP=has_clamp, F64=f64, BLOCK_R=cfg.block // block_c, BLOCK_C=block_c,
     )  # fmt: skip
 
@@ -665,6 +684,8 @@ def filtered_lrelu_variant(
     output tile reads, XB the input rows they come from."""
     (ru, luh, luw), (rd, ldh, ldw) = up_factors, down_factors
     px0, _, py0, _ = pad
+    limit = kernel_limit(up, down, max(luh, luw), max(ldh, ldw))
+    assert limit is None, limit  # the op checks it first (resolve_impl); a direct call must not launch it
     tile, vb, xb = filtered_lrelu_tiles(up, down, max(luh, luw), max(ldh, ldw))
     f64 = dtype == torch.float64
     acc = _accumulator(dtype)

@@ -2,12 +2,14 @@
 
 Contract
     `variant_space()` lists every binary the launchers of `pipeline.ops._triton_kernels` can ask Triton for, as
-    `KernelVariant`s built by the launchers' own `*_variant` functions: every dtype an op accepts, every tile the
-    launchers can pick (upfirdn2d's three tile shapes at each width they shrink to, bias_act's flat and per-row
-    forms with every activation, scale_bias_act's column widths, filtered_lrelu's (VB, XB) tile pairs with rank-1
-    and higher-rank filters). Constexprs that only change index arithmetic (padding, exact tap counts) take one
-    representative value per tile class; those that change the code's size (taps unrolled by upfirdn2d) take the
-    largest the models use.
+    `KernelVariant`s built by the launchers' own `*_variant` functions, one per class of binaries whose resources
+    differ: every dtype an op accepts with every tile and warp count the launchers pick (upfirdn2d's three tile
+    shapes at each width they shrink to, unrolled and rolled tap loops; bias_act's flat and per-row forms;
+    scale_bias_act's column widths; filtered_lrelu's (VB, XB) tile pairs with 1-D or 2-D up and down filters),
+    with every code switch on (bias, clamp, noise) and each activation in float32. Constexprs that only change
+    index arithmetic (padding, a rank's trip count) take one value per class; unrolled tap counts take the
+    largest below the rolling threshold and rolled ones the longest filters the ops make (ADA's 12-tap
+    downsampling: 144 per output; filtered_lrelu's backward at up=4: 576).
     `compile_variant(variant, target)` compiles one with `triton.compile` for a `GPUTarget` and reads what the
     binary needs: shared memory (Triton's metadata), registers and stack bytes per thread (the cubin, through the
     `cuobjdump` Triton ships; stack bytes are where spilled registers go). A variant that fails to compile raises
@@ -16,8 +18,9 @@ Contract
     `compile_space` runs the compilations in fresh worker processes with the interpreter off (`TRITON_INTERPRET`
     is read when a kernel is defined, and interpreted kernels cannot be compiled), so it works under the test
     suite's interpreter too.
-    Triton's runtime compiles the same constexprs and warps, but also specializes on integer arguments (divisible
-    by 16, equal to 1), which can change registers slightly; shared memory comes from the tiles alone.
+    Triton's runtime compiles the same constexprs and warps, but also specializes on arguments (pointers and
+    integers divisible by 16, integers equal to 1); those hints lowered registers in every case sampled (e.g.
+    198 -> 63), so the registers reported here are an upper bound; shared memory comes from the tiles alone.
 """
 
 from __future__ import annotations
@@ -101,20 +104,23 @@ def variant_space() -> list:
     k = _kernels()
     space = []
     for dtype in DTYPES:
-        # upfirdn2d: StyleGAN2's 4-tap filters for each kind of resampling, the 12-tap lowpass 2-D when
-        # upsampling (the most taps unrolled), each at every tile width (output widths 16, 32, >= 64).
+        # upfirdn2d: StyleGAN2's 4-tap filters for each kind of resampling (taps unrolled), and the rolled
+        # form at the longest filters the ops make: ADA's 12-tap lowpass (2-D: 144 taps per output when
+        # downsampling) and filtered_lrelu's backward at up=4 with 24 taps (576); each at every tile width.
         for filter_shape, up, down, pad in (
             ((4, 4), (2, 2), (1, 1), (2, 1, 2, 1)),
-            ((12, 12), (2, 2), (1, 1), (6, 5, 6, 5)),
             ((4, 4), (1, 1), (2, 2), (1, 1, 1, 1)),
             ((4, 4), (1, 1), (1, 1), (1, 2, 1, 2)),
+            ((12, 12), (2, 2), (1, 1), (6, 5, 6, 5)),
+            ((12, 12), (1, 1), (2, 2), (5, 5, 5, 5)),
+            ((24, 24), (1, 1), (4, 4), (11, 11, 11, 11)),
         ):
             for out_w in (16, 32, 64):
                 space.append(k.upfirdn2d_variant(dtype, filter_shape, up, down, pad, out_w))
         for grad in (False, True):
             for rows in (False, True):
                 space.append(k.bias_act_variant(dtype, "lrelu", True, True, grad, rows))
-        for plane in (16, 256, 4096):
+        for plane in (2**i for i in range(4, 13)):  # every column width BLOCK_C the launcher picks
             space.append(k.scale_bias_act_variant(dtype, "lrelu", True, True, True, plane))
         space += _filtered_lrelu_space(k, dtype)
     for act in ACTIVATIONS:  # every activation's code, in the widest float dtype the models train in
@@ -125,27 +131,25 @@ def variant_space() -> list:
 
 
 def _filtered_lrelu_space(k, dtype: torch.dtype) -> list:
-    """One variant per (VB, XB) tile pair the kernel takes, for rank-1 (1-D) and higher-rank (2-D) filters."""
+    """One variant per (VB, XB) tile pair the kernel takes and per kind of each filter (1-D: rank 1; 2-D: a rank
+    loop; the rank's value only sets the loop's trip count)."""
     variants = {}
-    for up in (1, 2, 4):
-        for down in (1, 2, 4):
+    for up in range(1, 9):
+        for down in range(1, 5):
             for up_taps in (1, 4, 6, 12, 24, 48):
                 for down_taps in (1, 4, 6, 12, 24):
                     if kernel_limit(up, down, up_taps, down_taps) is not None:
                         continue
                     _, vb, xb = filtered_lrelu_tiles(up, down, up_taps, down_taps)
-                    for rank in (1, 4):  # the rank only decides whether its loop runs more than once
-                        if rank > 1 and (up_taps < rank or down_taps < rank):
-                            continue
-                        key = (vb, xb, rank)
-                        ru = rd = rank
-                        pad = (up_taps - 1, up_taps - 1, up_taps - 1, up_taps - 1)
-                        variants.setdefault(
-                            key,
-                            k.filtered_lrelu_variant(
-                                dtype, (ru, up_taps, up_taps), (rd, down_taps, down_taps), up, down, pad, True, True
-                            ),
-                        )
+                    for ru in {1, min(4, up_taps)}:
+                        for rd in {1, min(4, down_taps)}:
+                            pad = (up_taps - 1,) * 4
+                            variants.setdefault(
+                                (vb, xb, ru > 1, rd > 1),
+                                k.filtered_lrelu_variant(
+                                    dtype, (ru, up_taps, up_taps), (rd, down_taps, down_taps), up, down, pad, True, True
+                                ),
+                            )
     return list(variants.values())
 
 
@@ -163,10 +167,15 @@ def _signature(variant) -> tuple[dict[str, str], dict[tuple[int], object]]:
     return signature, {(fn.arg_names.index(name),): value for name, value in constexprs.items()}
 
 
-def _cuobjdump() -> str:
+def cuobjdump() -> str | None:
+    """Triton's cuobjdump (`TRITON_CUOBJDUMP_PATH` or the one its wheel ships), None when absent."""
     import triton
 
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    try:
+        path = triton.knobs.nvidia.cuobjdump.path
+    except (AttributeError, RuntimeError):
+        path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return path if path and os.path.exists(path) else None
 
 
 def compile_variant(variant, target: str) -> CompiledVariant:
@@ -182,13 +191,15 @@ def compile_variant(variant, target: str) -> CompiledVariant:
     try:
         binary = triton.compile(source, target=GPUTarget("cuda", gpu.capability, 32), options=variant.options)
     except Exception as e:
-        message = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-        raise KernelCompileError(f"{describe(variant)} does not compile for {target}: {message}") from e
+        raise KernelCompileError(f"{describe(variant)} does not compile for {target}: {_error_line(e)}") from e
     seconds = time.perf_counter() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(binary.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([_cuobjdump(), "-res-usage", cubin.name], capture_output=True, text=True, check=True)
+        tool = cuobjdump()
+        if tool is None:
+            raise KernelCompileError("cuobjdump is missing (Triton ships it; or set TRITON_CUOBJDUMP_PATH)")
+        usage = subprocess.run([tool, "-res-usage", cubin.name], capture_output=True, text=True, check=True)
     found = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
     if found is None:
         raise KernelCompileError(f"cuobjdump gave no resource usage for {describe(variant)}: {usage.stdout[:200]}")
@@ -206,6 +217,15 @@ def _compile_job(job: tuple[int, str]) -> CompiledVariant | str:
         return compile_variant(_space()[index], target)
     except KernelCompileError as e:
         return str(e)
+    except Exception as e:  # anything else still names the variant, and the other results survive
+        return f"{describe(_space()[index])} on {target}: {type(e).__name__}: {_error_line(e)}"
+
+
+def _error_line(e: BaseException) -> str:
+    """The line of a compiler's message that says what went wrong (ptxas puts it before a repro command)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines)[-1][:300]
 
 
 _SPACE: list = []
@@ -237,7 +257,7 @@ def compile_space(
 def describe(variant) -> str:
     """One line naming a variant: kernel, dtype, the constexprs that shape it, warps."""
     shape = {
-        "upfirdn2d": ("UX", "UY", "DX", "DY", "FH", "FW", "BLOCK_H", "BLOCK_W"),
+        "upfirdn2d": ("UX", "UY", "DX", "DY", "FH", "FW", "BLOCK_H", "BLOCK_W", "ROLLED"),
         "bias_act": ("ACT", "GRAD", "ROWS", "BLOCK"),
         "scale_bias_act": ("ACT", "HAS_NOISE", "BLOCK_R", "BLOCK_C"),
         "filtered_lrelu": ("UP", "DOWN", "LUH", "LDH", "RU", "RD", "VB", "XB"),
