@@ -190,6 +190,35 @@ def synthetic_dataset_url(cache_dir: str, n: int, resolution: int, seed: int) ->
     return f"{cache_dir.rstrip('/')}/synth/r{resolution}-n{n}-s{seed}"
 
 
+def _write_and_rename_into_place(path: str, n: int, resolution: int, seed: int) -> None:
+    """Write the dataset to a temporary folder and rename it to `path`, unless a complete copy got there first."""
+    manifest = f"{path}/{MANIFEST_NAME}"
+    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_synthetic_dataset(tmp, n, resolution, seed)
+        for _ in range(3):
+            try:
+                os.rename(tmp, path)  # atomic; fails if a folder is already there
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            if os.path.exists(manifest):
+                return  # a concurrent writer finished first: use its (identical) copy
+            # A folder without a manifest was not made by this function (it only renames complete folders into
+            # place): move it aside atomically and delete it. A writer may have completed it since the check
+            # above; then it goes back (or stays aside, when yet another copy took its place meanwhile).
+            aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(path, aside)
+            if os.path.exists(f"{aside}/{MANIFEST_NAME}"):
+                with contextlib.suppress(OSError):
+                    os.rename(aside, path)
+            shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def ensure_synthetic_dataset(cache_dir: str, n: int, resolution: int, seed: int) -> str:
     """The URL of the cached synthetic dataset for these arguments, written on first use.
 
@@ -200,34 +229,17 @@ def ensure_synthetic_dataset(cache_dir: str, n: int, resolution: int, seed: int)
     """
     url = synthetic_dataset_url(cache_dir, n, resolution, seed)
     fs, path = fsspec.core.url_to_fs(url)
-    if fs.exists(f"{path}/{MANIFEST_NAME}"):
+    manifest = f"{path}/{MANIFEST_NAME}"
+    if fs.exists(manifest):
         return url
     if not isinstance(fs, LocalFileSystem):
         write_synthetic_dataset(url, n, resolution, seed)
         return url
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        write_synthetic_dataset(tmp, n, resolution, seed)
-        for _ in range(2):
-            try:
-                os.rename(tmp, path)  # atomic; fails if another process got there first
-                break
-            except OSError as e:
-                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                if os.path.exists(f"{path}/{MANIFEST_NAME}"):
-                    break  # a concurrent writer finished first: use its (identical) copy
-                # A folder without a manifest was not made by this function (it only renames complete folders
-                # into place): move it aside atomically, then delete it, and try again.
-                aside = f"{path}.stale-{uuid.uuid4().hex[:8]}"
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(path, aside)
-                shutil.rmtree(aside, ignore_errors=True)
-        else:
-            raise OSError(f"could not move {tmp!r} to {path!r}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # A racing caller may briefly move a complete folder aside (below); the next attempt then finds it back.
+    for _ in range(3):
+        if os.path.exists(manifest):
+            break
+        _write_and_rename_into_place(path, n, resolution, seed)
     read_manifest(url)  # fail here, naming the URL, rather than later in the loader
     return url
