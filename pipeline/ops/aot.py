@@ -25,12 +25,12 @@ Contract
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import re
 import subprocess
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -81,7 +81,6 @@ class CompiledVariant:
     shared_bytes: int
     registers: int
     stack_bytes: int
-    seconds: float
 
     @property
     def dtype(self) -> torch.dtype:
@@ -187,12 +186,10 @@ def compile_variant(variant, target: str) -> CompiledVariant:
     gpu = GPU_TARGETS[target]
     signature, constexprs = _signature(variant)
     source = ASTSource(_kernels().KERNELS[variant.kernel], signature, constexprs=constexprs)
-    t0 = time.perf_counter()
     try:
         binary = triton.compile(source, target=GPUTarget("cuda", gpu.capability, 32), options=variant.options)
     except Exception as e:
         raise KernelCompileError(f"{describe(variant)} does not compile for {target}: {_error_line(e)}") from e
-    seconds = time.perf_counter() - t0
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(binary.asm["cubin"])
         cubin.flush()
@@ -204,7 +201,7 @@ def compile_variant(variant, target: str) -> CompiledVariant:
     if found is None:
         raise KernelCompileError(f"cuobjdump gave no resource usage for {describe(variant)}: {usage.stdout[:200]}")
     registers, stack = (int(v) for v in found.groups())
-    return CompiledVariant(variant, target, int(binary.metadata.shared), registers, stack, seconds)
+    return CompiledVariant(variant, target, int(binary.metadata.shared), registers, stack)
 
 
 def _compiler_process() -> None:
@@ -228,13 +225,9 @@ def _error_line(e: BaseException) -> str:
     return (errors or lines)[-1][:300]
 
 
-_SPACE: list = []
-
-
-def _space() -> list:
-    if not _SPACE:
-        _SPACE.extend(variant_space())
-    return _SPACE
+@functools.cache
+def _space() -> tuple:
+    return tuple(variant_space())
 
 
 def compile_space(
@@ -242,7 +235,7 @@ def compile_space(
 ) -> tuple[list[CompiledVariant], list[str]]:
     """Compile `variant_space()` for every target in `workers` fresh processes (see the module docstring):
     (results, one line per variant that failed to compile)."""
-    jobs = [(index, target) for target in targets for index in range(len(variant_space()))]
+    jobs = [(index, target) for target in targets for index in range(len(_space()))]
     results: list[CompiledVariant] = []
     failures: list[str] = []
     context = multiprocessing.get_context("spawn")

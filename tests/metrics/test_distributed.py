@@ -27,13 +27,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _compute(shards: str, cache: str, cfg_dict: dict[str, Any], g_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _sampler(cfg_dict: dict[str, Any], g_state: dict[str, torch.Tensor]):
+    """The family's sampler over a G with these weights (what each rank evaluates)."""
     cfg = config_from_dict(cfg_dict)
     family = get_family(cfg.family)
     spec = family.spec(cfg.model, cfg.data.resolution)
     G = family.build_generator(spec)
     G.load_state_dict(g_state)
-    sampler = family.make_sampler(G.eval().requires_grad_(False), family.build_conditioning(spec))
+    return family.make_sampler(G.eval().requires_grad_(False), family.build_conditioning(spec))
+
+
+def _compute(shards: str, cache: str, cfg_dict: dict[str, Any], g_state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    sampler = _sampler(cfg_dict, g_state)
     ext = SmallExtractor()
     ev = Evaluator(EvalConfig(metrics=METRICS, extractor="small", batch_size=5, cache_url=cache), shards, 16, cache)
     return {
@@ -88,12 +93,7 @@ def _abandon_worker(rank: int, world: int, port: int, args: tuple, out: str) -> 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))  # fmt: skip
     shards, cfg_dict, g_state = args
-    cfg = config_from_dict(cfg_dict)
-    family = get_family(cfg.family)
-    spec = family.spec(cfg.model, cfg.data.resolution)
-    G = family.build_generator(spec)
-    G.load_state_dict(g_state)
-    sampler = family.make_sampler(G.eval().requires_grad_(False), family.build_conditioning(spec))
+    sampler = _sampler(cfg_dict, g_state)
     ext, outcome = SmallExtractor(), []
     passes = {
         "generated, rank 0 stops": lambda: generated_features(sampler, ext, 32, batch_size=4,
