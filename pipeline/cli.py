@@ -144,6 +144,8 @@ def _cmd_bench_ops(args: argparse.Namespace) -> int:
 
 
 def _eval_changes(args: argparse.Namespace) -> dict:
+    from pipeline.metrics.config import parse_classes
+
     return {
         "extractor": args.extractor,
         "inception_weights": args.inception_weights,
@@ -152,6 +154,7 @@ def _eval_changes(args: argparse.Namespace) -> dict:
         "num_workers": args.workers,
         "seed": args.seed,
         "cache_url": args.cache,
+        "classes": parse_classes(args.classes, "--classes") if args.classes is not None else None,
     }
 
 
@@ -203,6 +206,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
 
 def _cmd_generate(args: argparse.Namespace) -> None:
     """Runs with `args.sampler`: the source's family sampler, loaded before the options were parsed."""
+    import torch
+
     from pipeline.errors import SamplingError
     from pipeline.export import generate as gen
     from pipeline.imaging import save_image_grid
@@ -234,7 +239,23 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         urls = gen.write_frames(frames, args.outdir)
         print(f"wrote {len(urls)} interpolation frames ({space}) to {args.outdir}")
         return
-    seeds = gen.parse_seeds(args.seeds)
+    if getattr(args, "classes", None) is not None:
+        if request.class_idx is not None:
+            raise SamplingError("--classes draws one row per class: drop --class")
+        if not args.out or args.outdir:
+            raise SamplingError("--classes writes one grid (a row per class, the same seeds in every row): use --out")
+        classes = gen.parse_int_list(args.classes, "--classes")
+        per_class = 8 if args.per_class is None else args.per_class
+        if per_class < 1:
+            raise SamplingError(f"--per-class {per_class} is invalid: give at least 1 seed per class")
+        seeds = gen.parse_seeds(args.seeds)[:per_class] if args.seeds is not None else list(range(per_class))
+        rows = [sampler.generate(seeds, Request(class_idx=c, prompt=request.prompt), options) for c in classes]
+        save_image_grid(torch.cat(rows), args.out, grid=(len(classes), len(seeds)))
+        print(f"wrote a grid of {len(classes)} classes x {len(seeds)} seeds to {args.out}")
+        return
+    if getattr(args, "per_class", None) is not None:
+        raise SamplingError("--per-class sets the seeds per row of a --classes grid: add --classes, e.g. 0-9")
+    seeds = gen.parse_seeds(args.seeds if args.seeds is not None else "0-15")
     images = sampler.generate(seeds, request, options)
     if args.outdir:
         gen.write_images(images, seeds, args.outdir)
@@ -281,17 +302,29 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
         default="torch",
         help="torch (default), or onnxruntime: run the export folder's ONNX graph",
     )
-    p.add_argument("--seeds", default="0-15", help="e.g. 0-15 or 1,5,9-12")
+    p.add_argument("--seeds", help="e.g. 0-15 or 1,5,9-12 (default 0-15)")
     flags = ("--class", "--prompt") if conditioning is None else conditioning.request_flags
     if "--class" in flags:
         p.add_argument("--class", dest="class_idx", type=int, metavar="C", help="the class of a conditional generator")
+        p.add_argument(
+            "--classes", metavar="LIST", help="a class grid, e.g. 0-9: one row per class, the same seeds in each row"
+        )
+        p.add_argument(
+            "--per-class", type=int, metavar="N", help="with --classes: seeds per row (default 8: seeds 0-7)"
+        )
     if "--prompt" in flags:
         p.add_argument("--prompt", metavar="TEXT", help="the text of a text-conditional generator")
     docs = {name: doc for s in samplers for name, doc in s.offered_options().items()}
     defaults = {name: f.default for s in samplers for name, f in s.Options.__dataclass_fields__.items()}
+    by_flag: dict[str, list[str]] = {}  # the generic help: families may share a flag (--trunc) with their own meaning
     for name, doc in docs.items():
-        kind = type(defaults[name])
-        p.add_argument(doc.flag, dest=name, type=kind, choices=doc.choices, metavar=doc.metavar, help=doc.help)
+        by_flag.setdefault(doc.flag, []).append(name)
+    for flag, names in by_flag.items():
+        doc = docs[names[0]]
+        helps = list(dict.fromkeys(docs[name].help for name in names))
+        help_text = " | ".join(helps)
+        kind = doc.type or type(defaults[names[0]])
+        p.add_argument(flag, dest=names[0], type=kind, choices=doc.choices, metavar=doc.metavar, help=help_text)
     if any(s.can_style_mix for s in samplers):
         p.add_argument(
             "--style-mix",
@@ -319,7 +352,8 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
     if runtime == "torch":
         p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     if sampler is not None:
-        theirs = {doc.flag for cls in everyone for doc in option_docs(cls.Options).values()} | {"--class", "--prompt"}
+        request_flags = {"--class", "--classes", "--per-class", "--prompt"}
+        theirs = {doc.flag for cls in everyone for doc in option_docs(cls.Options).values()} | request_flags
         theirs |= {"--style-mix", "--style-layers", "--device"}
         ours = {a for action in p._actions for a in action.option_strings}
         kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}
@@ -329,7 +363,7 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
             families |= {"--style-mix", "--style-layers"}
         p.unavailable = {}
         for flag in sorted(theirs - ours):
-            if flag in ("--class", "--prompt"):
+            if flag in request_flags:
                 p.unavailable[flag] = f"{flag} is not available: {this}"
             elif flag == "--device":
                 p.unavailable[flag] = f"--device is not available with --runtime {runtime}: it runs on the CPU here"
@@ -464,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="metrics of a run dir / checkpoint / export (FID, KID, IS, PR); 'eval stats DATA_URL' caches the reals",
+        help="metrics of a run dir / checkpoint / export (FID, KID, IS, PR, class accuracy, intra-class FID); "
+        "'eval stats DATA_URL' caches the reals",
     )
     p.add_argument("target", help="run dir, checkpoint or export folder; or 'stats' to build reference statistics")
     p.add_argument("data_url", nargs="?", help="with 'stats': the dataset (shard folder, any fsspec URL)")
@@ -476,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per batch per rank (default 64)")
     p.add_argument("--workers", type=int, help="data-loading processes per rank")
     p.add_argument("--seed", type=int, help="latent seed of the generated images (default 0)")
+    p.add_argument("--classes", help="intra-class FID (ifid): comma-separated class indices (default: every class)")
     p.add_argument("--cache", help="reference statistics cache URL (default <cache>/metrics)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda:LOCAL_RANK if available)")
     p.add_argument("--jsonl", help="also append the result as one JSON line to this file (e.g. RUN_DIR/metrics.jsonl)")

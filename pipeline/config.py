@@ -106,6 +106,7 @@ class TrainConfig:
     total_kimg: float = 25000
     ema_kimg: float | None = None  # null = batch_size * 10 / 32, as in StyleGAN2-ADA
     ema_rampup: float | None = 0.05  # EMA half-life is at most this fraction of the images shown so far
+    ema_start_kimg: float = 0  # G_ema is a copy of G until this many kimg (BigGAN-PyTorch's ema_start)
     precision: Literal["32", "bf16-mixed"] = "32"
     accelerator: str = "auto"
     devices: int = 1  # processes (GPUs) per node; under srun it must equal the tasks per node
@@ -138,6 +139,7 @@ class TrainConfig:
             self.ema_rampup,
             "must be > 0 or null",
         )
+        require(self.ema_start_kimg >= 0, f"{prefix}.ema_start_kimg", self.ema_start_kimg, "must be >= 0")
         require(self.devices >= 1, f"{prefix}.devices", self.devices, "must be >= 1")
         require(self.num_nodes >= 1, f"{prefix}.num_nodes", self.num_nodes, "must be >= 1")
         require(

@@ -1,4 +1,5 @@
-"""Evaluation: feature extractors, FID/KID/IS/precision-recall/CLIP score, reference statistics, distributed.
+"""Evaluation: feature extractors, FID/KID/IS/precision-recall/CLIP score, class accuracy and intra-class FID of
+class-conditional generators, reference statistics, distributed.
 
 Public API
     EvalConfig                      the `eval:` config section
@@ -7,6 +8,8 @@ Public API
     load_generator_source           G_ema from an export folder, checkpoint or run dir
     build_extractor, InceptionV3, SmallExtractor, random_inception_state_dict
     reference_features              cached reference statistics (`ganpipe eval stats`)
+    class_reference_stats           cached per-class reference statistics (intra-class FID)
+    dataset_classifier              the cached classifier of a labelled dataset (class accuracy)
     frechet_distance, kid, inception_score, precision_recall, clip_score, GaussianStats
     CLIPEncoder (pipeline.metrics.clip, imports transformers lazily)
 """
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.metrics.config import INCEPTION_URL, EvalConfig
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` below imports on first use
+    from pipeline.metrics.classifier import ClassifierRecipe, SmallClassifier, TrainedClassifier, dataset_classifier
     from pipeline.metrics.evaluate import Evaluator, GeneratorInfo, better, load_generator_source
     from pipeline.metrics.extractors import (
         FeatureExtractor,
@@ -37,12 +41,16 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         kid,
         precision_recall,
     )
-    from pipeline.metrics.refs import reference_features
+    from pipeline.metrics.refs import class_reference_stats, reference_features
     from pipeline.metrics.spec import MetricSpec, parse_metric
 
 # Everything else loads on first use: `pipeline.config` needs only EvalConfig, and an evaluation's heavy imports
 # (torch-fidelity, scipy) wait until something is evaluated.
 _LAZY = {
+    "ClassifierRecipe": "classifier",
+    "SmallClassifier": "classifier",
+    "TrainedClassifier": "classifier",
+    "dataset_classifier": "classifier",
     "Evaluator": "evaluate",
     "GeneratorInfo": "evaluate",
     "better": "evaluate",
@@ -62,6 +70,7 @@ _LAZY = {
     "inception_score": "math",
     "kid": "math",
     "precision_recall": "math",
+    "class_reference_stats": "refs",
     "reference_features": "refs",
     "MetricSpec": "spec",
     "parse_metric": "spec",
@@ -78,6 +87,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "INCEPTION_URL",
+    "ClassifierRecipe",
     "EvalConfig",
     "Evaluator",
     "FeatureExtractor",
@@ -86,10 +96,14 @@ __all__ = [
     "GeneratorInfo",
     "InceptionV3",
     "MetricSpec",
+    "SmallClassifier",
     "SmallExtractor",
+    "TrainedClassifier",
     "better",
     "build_extractor",
+    "class_reference_stats",
     "clip_score",
+    "dataset_classifier",
     "fid_from_stats",
     "frechet_distance",
     "generated_features",

@@ -33,6 +33,7 @@ class EvalConfig:
     seed: int = 0  # latents of generated images: image i always gets the same z whatever the number of ranks
     cache_url: str | None = None  # reference statistics cache (any fsspec URL); null = <data cache>/metrics
     best_metric: str | None = None  # one of `metrics`: keep checkpoints/best-<metric>.pt of its best value
+    classes: list[int] = field(default_factory=list)  # intra-class FID (ifid): class indices; empty = every class
 
     def validate(self, prefix: str) -> None:
         from pipeline.metrics.spec import parse_metric  # late: spec imports nothing heavy, but keep config light
@@ -57,8 +58,15 @@ class EvalConfig:
             self.best_metric is None or parse_metric(self.best_metric).kind != "pr",
             f"{prefix}.best_metric",
             self.best_metric,
-            "cannot rank checkpoints by precision/recall (two numbers): choose a fid, kid or is metric",
+            "cannot rank checkpoints by precision/recall (two numbers): choose a fid, kid, is, acc or ifid metric",
         )
+        require(
+            all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.classes),
+            f"{prefix}.classes",
+            self.classes,
+            "must be class indices >= 0 (e.g. [0, 3, 7]; empty = every class)",
+        )
+        require(len(set(self.classes)) == len(self.classes), f"{prefix}.classes", self.classes, "lists a class twice")
         require(
             self.extractor != "small" or not any(parse_metric(m).kind == "is" for m in self.metrics),
             f"{prefix}.extractor",
@@ -67,4 +75,12 @@ class EvalConfig:
         )
 
 
-__all__ = ["INCEPTION_URL", "EvalConfig"]
+def parse_classes(text: str, key: str) -> list[int]:
+    """'0,3,7' -> [0, 3, 7] (a command line's `eval.classes`); ConfigError naming `key` otherwise."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"{key} {text!r} is invalid: give comma-separated class indices, e.g. 0,3,7") from None
+
+
+__all__ = ["INCEPTION_URL", "EvalConfig", "parse_classes"]

@@ -13,6 +13,10 @@ Why results do not depend on the number of ranks
     only the Gaussian is needed (FID *_full), ranks add float64 sums instead of gathering features, so memory
     stays O(D^2) for any dataset size.
 
+    Intra-class metrics draw image i of class k from the same generator (seed, i), with the class given instead
+    of drawn (`class_idx`): the classes share their latents, so only the class differs between them. Per-class
+    reals (`real_class_stats`) are every image of that class, or its first N sample keys after the gather.
+
     Features are bit-identical to a single process when each rank's batches hold the same images as the
     single process's (same batch boundaries, same thread count); otherwise float32 rounding of the generator,
     amplified by the uint8 quantisation of its images, moves single features by ~1e-4 and metrics by far less.
@@ -26,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +43,7 @@ from pipeline.data import open_source, read_once
 from pipeline.imaging import to_uint8
 from pipeline.metrics.extractors import FeatureExtractor
 from pipeline.metrics.math import GaussianStats
+from pipeline.models.conditioning import Request
 from pipeline.models.sampling import Sampler
 
 log = logging.getLogger(__name__)
@@ -126,11 +131,13 @@ def all_reduce_stats(stats: GaussianStats) -> GaussianStats:
 
 @dataclass
 class Features:
-    """What a metric needs of one image set: its Gaussian, and the features/logits where kept."""
+    """What a metric needs of one image set: its Gaussian, and the features/logits/classes where kept."""
 
-    stats: GaussianStats
+    stats: GaussianStats  # of 0-d features when no extractor ran (only `num` is meaningful then)
     features: Tensor | None = None  # [N, D] float32 (CPU), in index / key order
     logits: Tensor | None = None  # [N, classes] float32 (CPU), generated images only
+    labels: Tensor | None = None  # [N] int64 (CPU): the class each generated image was drawn for
+    predictions: Tensor | None = None  # [N] int64 (CPU): the class a classifier sees in each generated image
 
     @property
     def num(self) -> int:
@@ -204,26 +211,44 @@ def eval_generators(indices: range, seed: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
 
 
+def class_labels(c: Tensor, num_classes: int) -> Tensor:
+    """The class indices [N] (int64) behind a class conditioning's `c`: one-hot rows [N, num_classes] or indices
+    [N], the two encodings of `pipeline.models.conditioning.ClassConditioning`."""
+    if c.ndim == 1:
+        return c.long()
+    if c.ndim == 2 and c.shape[1] == num_classes:
+        return c.argmax(dim=1)
+    raise TypeError(f"class conditioning of shape {tuple(c.shape)} is neither one-hot [N, {num_classes}] nor indices")
+
+
 @torch.no_grad()
 def generated_features(
     sampler: Sampler,
-    extractor: FeatureExtractor,
+    extractor: FeatureExtractor | None,
     num: int,
     *,
     seed: int = 0,
     batch_size: int = 64,
     keep_features: bool = True,
     keep_logits: bool = False,
+    classifier: Callable[[Tensor], Tensor] | None = None,
+    class_idx: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
     should_stop: StopCheck | None = None,
 ) -> Features:
     """Features of generated images 0..num-1 (rank r draws a contiguous block), gathered in index order; `Abandoned`
-    (on every rank) once `should_stop()`, polled between batches, is true on any rank."""
+    (on every rank) once `should_stop()`, polled between batches, is true on any rank.
+
+    `extractor=None` extracts nothing (0-d features: for metrics that only classify). `classifier` (uint8 images
+    -> int64 classes) fills `predictions`, and `labels` with the class each image was drawn for (a class-
+    conditional generator's). `class_idx` draws every image for that class (the sampler's `from_request`)
+    instead of the per-image class of `for_eval`; image i keeps its latent."""
     rank, size = world()
     lo, hi = rank * num // size, (rank + 1) * num // size
     device = torch.device(device)
-    feats, logits = [], []
+    dim = extractor.dim if extractor is not None else 0
+    feats, logits, labels, preds = [], [], [], []
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
     stopped = False
     for start in range(lo, hi, batch_size):
@@ -231,22 +256,120 @@ def generated_features(
             break
         generators = eval_generators(range(start, min(start + batch_size, hi)), seed)
         z = sampler.latents_from(generators)  # each generator gives its image's z first, then its conditioning
-        c = sampler.conditioning.for_eval(generators, device)
+        if class_idx is None:
+            c = sampler.conditioning.for_eval(generators, device)
+        else:
+            c = sampler.conditioning.from_request(z.shape[0], Request(class_idx=class_idx), device)
         images = to_uint8(sampler.synthesize(z.to(device), c))
-        out = extractor(images)
-        feats.append(out["features"].cpu())
-        if keep_logits:
-            logits.append(out["logits"].cpu())
+        if extractor is not None:
+            out = extractor(images)
+            feats.append(out["features"].cpu())
+            if keep_logits:
+                logits.append(out["logits"].cpu())
+        if classifier is not None:
+            labels.append(class_labels(c, sampler.conditioning.num_classes).cpu())
+            preds.append(classifier(images).cpu())
         bar.update(z.shape[0] * size)
     bar.close()
     _agree_on_stop(should_stop, stopped)
-    f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, extractor.dim)))
-    lg = None
+    if extractor is not None:
+        f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, dim)))
+    else:  # nothing to gather: 0-d features of the right count
+        f = torch.zeros((num, 0))
+    lg = lb = pr = None
     if keep_logits:
         classes = 1008 if not logits else logits[0].shape[1]
         lg = gather_rows(torch.cat(logits) if logits else torch.zeros((0, classes)))
+    if classifier is not None:
+        lb = gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+        pr = gather_rows(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
     assert f.shape[0] == num, f"gathered {f.shape[0]} generated features, expected {num}"
-    return Features(GaussianStats.of(f), f if keep_features else None, lg)
+    return Features(GaussianStats.of(f), f if keep_features and extractor is not None else None, lg, lb, pr)
+
+
+def real_class_stats(
+    url: str,
+    extractor: FeatureExtractor,
+    classes: Sequence[int],
+    *,
+    resolution: int | None,
+    batch_size: int,
+    num_workers: int = 0,
+    num_real: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    should_stop: StopCheck | None = None,
+) -> dict[int, GaussianStats]:
+    """Per class in `classes`: the Gaussian of that class's reals, all of them (`num_real=None`) or its first
+    `num_real` sample keys; every rank reads its share of the shards in one pass, and only images of these
+    classes go through the extractor. A class without reals maps to empty statistics (num 0). Memory: one
+    D x D float64 sum per class (callers split many classes into groups), plus up to 2 x num_real features per
+    class while it reads. `Abandoned` (on every rank) as in `real_features`.
+
+    Labels are not in the manifest per shard, so unlike `real_features` the whole dataset is read even for
+    `num_real`: a class's first keys may sit in any shard."""
+    rank, size = world()
+    wanted = sorted(set(classes))
+    reader = read_once(open_source(url), batch_size=batch_size, resolution=resolution, num_workers=num_workers,
+                       rank=rank, world_size=size)  # fmt: skip
+    stats = {k: GaussianStats.empty(extractor.dim) for k in wanted}
+    kept: dict[int, tuple[list[str], list[Tensor]]] = {k: ([], []) for k in wanted}
+    want = torch.tensor(wanted, dtype=torch.long)
+    bar = tqdm(desc="reals by class", unit="img", disable=not progress or rank != 0, leave=False)
+    stopped = False
+    with contextlib.closing(iter(reader)) as batches:
+        for batch in batches:
+            if stopped := _stopped(should_stop):
+                break
+            labels = torch.as_tensor(batch["label"], dtype=torch.long)
+            bar.update(labels.shape[0])
+            mine = torch.isin(labels, want)
+            if not bool(mine.any()):
+                continue
+            rows = mine.nonzero()[:, 0]
+            feats = extractor(batch["image"][rows].to(device))["features"].cpu()
+            labels = labels[rows]
+            for k in labels.unique().tolist():
+                sel = labels == k
+                if num_real is None:
+                    stats[k].add(feats[sel])
+                    continue
+                keys, chunks = kept[k]
+                keys.extend(batch["key"][i] for i in rows[sel].tolist())
+                chunks.append(feats[sel])
+                if len(keys) > 2 * num_real:  # keep this rank's first num_real keys: the global first are among them
+                    kept[k] = _first_keys(keys, torch.cat(chunks), num_real)
+    bar.close()
+    _agree_on_stop(should_stop, stopped)
+    if reader.stats.num_bad:
+        log.warning("skipped %d unusable real images while computing per-class features: %s", reader.stats.num_bad,
+                    {k: v for k, v in reader.stats.bad.items() if v})  # fmt: skip
+    if num_real is None:
+        return {k: all_reduce_stats(stats[k]) for k in wanted}
+    # Gather every rank's candidates in one collective per kind, then keep each class's first num_real keys.
+    local_keys: list[str] = []
+    local_feats: list[Tensor] = []
+    local_cls: list[int] = []
+    for k in wanted:
+        keys, chunks = kept[k]
+        local_keys.extend(keys)
+        local_feats.extend(chunks)
+        local_cls.extend([k] * len(keys))
+    everything = gather_rows(torch.cat(local_feats) if local_feats else torch.zeros((0, extractor.dim)))
+    cls = gather_rows(torch.tensor(local_cls, dtype=torch.long))
+    all_keys = [k for part in gather_objects(local_keys) for k in part]  # type: ignore[union-attr]
+    out = {}
+    for k in wanted:
+        rows = (cls == k).nonzero()[:, 0].tolist()
+        keys, feats = _first_keys([all_keys[i] for i in rows], everything[rows], num_real)
+        out[k] = GaussianStats.of(torch.cat(feats) if feats else torch.zeros((0, extractor.dim)))
+    return out
+
+
+def _first_keys(keys: list[str], feats: Tensor, n: int) -> tuple[list[str], list[Tensor]]:
+    """The n smallest keys and their feature rows (as one chunk)."""
+    order = sorted(range(len(keys)), key=keys.__getitem__)[:n]
+    return [keys[i] for i in order], [feats[torch.tensor(order, dtype=torch.long)]] if order else []
 
 
 __all__ = [
@@ -254,10 +377,12 @@ __all__ = [
     "Features",
     "StopCheck",
     "all_reduce_stats",
+    "class_labels",
     "eval_generators",
     "gather_objects",
     "gather_rows",
     "generated_features",
+    "real_class_stats",
     "real_features",
     "world",
 ]

@@ -10,6 +10,9 @@ edited data never hits an old entry; the shard list when there is no manifest), 
 id (architecture, weights sha, resize policy) and the number of reals. An entry holds the float64 sums of the
 Gaussian (`num`, `sum`, `outer`), and the features themselves when a metric needed them (KID, PR); an entry
 without features does not satisfy a request for them and is replaced.
+
+Intra-class FID's references (`class_reference_stats`) are one entry per class: the same key plus the class
+index, the Gaussian of that class's reals (all of them, or its first N sample keys).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import io
 import json
 import logging
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import fsspec
@@ -28,12 +32,13 @@ import torch.distributed as dist
 
 from pipeline.data import open_source
 from pipeline.metrics.extractors import FeatureExtractor
-from pipeline.metrics.features import Features, StopCheck, real_features, world
+from pipeline.metrics.features import Features, StopCheck, real_class_stats, real_features, world
 from pipeline.metrics.math import GaussianStats
 from pipeline.storage import publish_atomic
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1
+CLASS_STATS_BUDGET = 2 << 30  # bytes of per-class accumulators one pass over the reals may hold (intra-class FID)
 
 
 @dataclass(frozen=True)
@@ -42,15 +47,19 @@ class ReferenceKey:
     resolution: int | None
     extractor_id: str
     num_real: int | None
+    class_idx: int | None = None  # the reals of one class (intra-class FID); None = every class
 
     @property
     def digest(self) -> str:
-        text = json.dumps([CACHE_VERSION, self.dataset, self.resolution, self.extractor_id, self.num_real])
-        return hashlib.sha256(text.encode()).hexdigest()[:20]
+        parts: list[object] = [CACHE_VERSION, self.dataset, self.resolution, self.extractor_id, self.num_real]
+        if self.class_idx is not None:  # appended only when set: whole-dataset entries keep their old digests
+            parts.append(["class", self.class_idx])
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
     def url(self, cache_url: str) -> str:
         count = "all" if self.num_real is None else str(self.num_real)
-        return f"{cache_url.rstrip('/')}/refs/{self.extractor_id}-{self.resolution}px-{count}-{self.digest}.npz"
+        cls = "" if self.class_idx is None else f"-class{self.class_idx}"
+        return f"{cache_url.rstrip('/')}/refs/{self.extractor_id}-{self.resolution}px-{count}{cls}-{self.digest}.npz"
 
 
 def dataset_fingerprint(url: str) -> str:
@@ -127,4 +136,69 @@ def reference_features(
     return feats, False
 
 
-__all__ = ["CACHE_VERSION", "ReferenceKey", "dataset_fingerprint", "reference_features"]
+def class_groups(
+    classes: Sequence[int], dim: int, num_real: int | None, budget: int = CLASS_STATS_BUDGET
+) -> list[list[int]]:
+    """`classes` split into groups whose per-class accumulators (see `real_class_stats`) fit in `budget` bytes:
+    one pass over the reals per group. 1000 Inception classes (32 MiB of float64 sums each) take 16 passes."""
+    per_class = dim * dim * 8 + (0 if num_real is None else 2 * num_real * dim * 4)
+    size = max(1, budget // per_class)
+    items = list(classes)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def class_reference_stats(
+    url: str,
+    extractor: FeatureExtractor,
+    classes: Sequence[int],
+    *,
+    cache_url: str | None,
+    resolution: int | None,
+    num_real: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    should_stop: StopCheck | None = None,
+) -> tuple[dict[int, GaussianStats], bool]:
+    """(per class in `classes`: the Gaussian of its reals, whether the cache had every class). Each class is its
+    own cache entry (`ReferenceKey.class_idx`), so evaluating other classes later reuses these; the missing ones
+    are computed together, one pass over the reals per memory group (`class_groups`). `should_stop` as in
+    `real_features`."""
+    fingerprint = dataset_fingerprint(url)
+    keys = {k: ReferenceKey(fingerprint, resolution, extractor.extractor_id, num_real, k) for k in classes}
+    out: dict[int, GaussianStats] = {}
+    if cache_url:
+        for k, key in keys.items():
+            found = _read(key.url(cache_url), need_features=False)
+            if found is not None:
+                out[k] = found.stats
+    missing = [k for k in classes if k not in out]
+    if not missing:
+        log.info("per-class reference statistics: cache hit for %d classes", len(out))
+        return {k: out[k] for k in classes}, True
+    log.info("per-class reference statistics: computing %d classes (%d cached)", len(missing), len(out))
+    rank, size = world()
+    for group in class_groups(missing, extractor.dim, num_real):
+        stats = real_class_stats(
+            url, extractor, group, resolution=resolution, batch_size=batch_size, num_workers=num_workers,
+            num_real=num_real, device=device, progress=progress, should_stop=should_stop,
+        )  # fmt: skip
+        for k, s in stats.items():
+            out[k] = s
+            if cache_url and rank == 0 and s.num >= 2:  # a class too small to use is an error, not an entry
+                _write(keys[k].url(cache_url), Features(s))
+    if size > 1:
+        dist.barrier()  # no rank reads the entries before they exist
+    return {k: out[k] for k in classes}, False  # in the order asked for
+
+
+__all__ = [
+    "CACHE_VERSION",
+    "CLASS_STATS_BUDGET",
+    "ReferenceKey",
+    "class_groups",
+    "class_reference_stats",
+    "dataset_fingerprint",
+    "reference_features",
+]

@@ -1,9 +1,11 @@
-"""What `ganpipe eval` runs: metrics of a run dir / checkpoint / export, and reference statistics ahead of time.
+"""What `ganpipe eval` runs: metrics of a run dir / checkpoint / export, and reference statistics (and acc's
+classifier) ahead of time.
 
 Job: resolve the generator, the dataset, the eval config (the run's own `eval:` section when the source is a
 checkpoint, defaults for an export, then the command line's choices) and call the `Evaluator`. Under `torchrun`
 (WORLD_SIZE > 1) it joins the process group itself (NCCL on GPUs, gloo on CPUs) and every rank extracts its
-share; rank 0 prints and writes.
+share; rank 0 prints and writes. The JSON record holds `details` when a metric has more to say than its numbers
+(acc's classifier, ifid's per-class values).
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import torch.distributed as dist
 
 from pipeline.data import ensure_synthetic_dataset, open_source
 from pipeline.errors import ConfigError
+from pipeline.metrics.classifier import dataset_classifier
 from pipeline.metrics.config import EvalConfig
 from pipeline.metrics.evaluate import Evaluator, load_generator_source
 from pipeline.metrics.extractors import build_extractor
-from pipeline.metrics.refs import reference_features
+from pipeline.metrics.refs import class_reference_stats, reference_features
 from pipeline.metrics.spec import parse_metric
 from pipeline.storage import append_line, user_url
 
@@ -95,9 +98,11 @@ def evaluate_source(
         "kimg": info.kimg,
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         "num_ranks": dist.get_world_size() if dist.is_initialized() else 1,
-        "extractor": evaluator.extractor.extractor_id,
+        "extractor": evaluator.extractor_id,
         "results": results,
     }
+    if evaluator.last_details:  # acc's classifier, ifid's per-class values
+        record["details"] = evaluator.last_details
     if jsonl and rank == 0:
         with user_url("--jsonl", jsonl):
             append_line(jsonl, json.dumps(record))
@@ -114,18 +119,53 @@ def build_stats(
     device: str | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Compute (or find) the cached reference statistics `metrics` will need for `data_url`."""
+    """Compute (or find) the cached reference statistics `metrics` will need for `data_url`: the reals' Gaussian
+    (and features) for fid/kid/pr, each class's for ifid (`eval.classes`, empty = every class of the manifest) and
+    the classifier for acc."""
     dev = init_distributed_from_env(device)
     cfg = _eval_config(None, {**(changes or {}), "metrics": metrics})
     cache_dir = cache_dir or default_cache_dir()
     cache_url = cfg.cache_url or f"{cache_dir.rstrip('/')}/metrics"
+    manifest = open_source(data_url).manifest
     if resolution is None:
-        manifest = open_source(data_url).manifest
         resolution = manifest.resolution if manifest is not None else None
-    extractor = build_extractor(cfg, cache_dir, dev)
+    specs = [parse_metric(m) for m in metrics]
+    extractor = build_extractor(cfg, cache_dir, dev) if any(s.needs_extractor for s in specs) else None
     done: list[dict[str, Any]] = []
     seen: set[tuple[int | None, bool]] = set()
-    for spec in sorted((parse_metric(m) for m in metrics), key=lambda s: not s.needs_real_features):
+    classifier_done = False
+    for spec in sorted(specs, key=lambda s: not s.needs_real_features):
+        if spec.kind == "acc":
+            if classifier_done:
+                continue  # one classifier serves every acc metric
+            classifier_done = True
+            clf, hit = dataset_classifier(data_url, cache_url=cache_url, resolution=resolution,
+                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev,
+                                          who=spec.name)  # fmt: skip
+            done.append({"metric": spec.name, "classifier": clf.classifier_id, "num_train": clf.num_train,
+                         "heldout_accuracy": clf.heldout_accuracy, "cache_hit": hit})  # fmt: skip
+            continue
+        assert extractor is not None
+        if spec.kind == "ifid":
+            if manifest is not None and not manifest.has_labels:
+                raise ConfigError(
+                    f"{spec.name} needs class labels (.cls) but the dataset at {data_url!r} has none: write it "
+                    "with `ganpipe data shards --layout classes`"
+                )
+            if cfg.classes:
+                classes = list(cfg.classes)
+            elif manifest is not None:
+                classes = list(range(manifest.num_classes))
+            else:
+                raise ConfigError(f"{spec.name}: the shards at {data_url!r} have no manifest to count the classes: "
+                                  "name them with --classes 0,1,2")  # fmt: skip
+            stats, hit = class_reference_stats(
+                data_url, extractor, classes, cache_url=cache_url, resolution=resolution, num_real=spec.num_real,
+                batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev, progress=progress,
+            )  # fmt: skip
+            done.append({"metric": spec.name, "num_real": {str(k): s.num for k, s in stats.items()}, "cache_hit": hit,
+                         "extractor": extractor.extractor_id})  # fmt: skip
+            continue
         if not spec.needs_reals or any(n == spec.num_real and (f or not spec.needs_real_features) for n, f in seen):
             continue
         feats, hit = reference_features(

@@ -44,13 +44,19 @@ class OptionDoc:
     help: str
     choices: tuple[str, ...] | None = None
     metavar: str | None = None
+    type: type | None = None  # what the flag parses to; None = the type of the default
 
 
 def option(
-    default: Any, flag: str, help: str, choices: tuple[str, ...] | None = None, metavar: str | None = None
+    default: Any,
+    flag: str,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    type: type | None = None,
 ) -> Any:
-    """A field of a sampler's `Options` dataclass with its command-line flag."""
-    return field(default=default, metadata={"cli": OptionDoc(flag, help, choices, metavar)})
+    """A field of a sampler's `Options` dataclass with its command-line flag (`type` when the default is None)."""
+    return field(default=default, metadata={"cli": OptionDoc(flag, help, choices, metavar, type)})
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,13 @@ with `train.batch_gpu` accumulation they are those of one round's images on ever
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -94,4 +98,101 @@ class _PlainBatchNorm(nn.modules.batchnorm._BatchNorm):
             raise ValueError(f"expected an input of at least 2 dimensions (N, C, ...), got {input.dim()}")
 
 
-__all__ = ["CrossReplicaBatchNorm", "convert_batchnorm"]
+def check_truncation(truncation: float, error: type[Exception] = ValueError) -> None:
+    """BigGAN's truncation T must lie in (0, 1] (the release's statistics and its z = T * truncnorm(-2, 2))."""
+    if not 0 < truncation <= 1:
+        raise error(f"--trunc {truncation} is invalid: give a truncation in (0, 1]")
+
+
+class ConditionalBatchNorm2d(nn.Module):
+    """Class-conditional BatchNorm (de Vries et al. 2017) as BigGAN uses it:
+
+        out = bn(x) * (1 + gain(y)) + bias(y)        y [N, cond_dim]: BigGAN's [shared class embedding, z chunk]
+
+    `bn` is a BatchNorm2d without its own affine (so `train.sync_batchnorm` makes it cross-replica like any other),
+    `gain` and `bias` are bias-free linear maps built by `linear(in, out, bias=False)` (spectrally normalised in
+    BigGAN). With `cond_dim=None` it is a plain BatchNorm2d with a learned affine (BigGAN's output layer).
+
+    Truncation statistics (`n_stats > 0`, BigGAN-deep's public release): buffers `truncation_means` and
+    `truncation_vars` [n_stats, C] hold the statistics measured at truncations k / (n_stats - 1); in eval mode a
+    forward with `truncation=t` normalises with a blend of the two rows around t, computed exactly as the
+    release's own code does (`truncation_statistics`), so converted weights reproduce its images.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        cond_dim: int | None,
+        linear: Callable[..., nn.Module] = nn.Linear,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        n_stats: int = 0,
+    ) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=cond_dim is None)
+        self.conditional = cond_dim is not None
+        if cond_dim is not None:
+            self.gain = linear(cond_dim, num_features, bias=False)
+            self.bias = linear(cond_dim, num_features, bias=False)
+        self.n_stats = n_stats
+        if n_stats:
+            if n_stats < 2:
+                raise ValueError(f"truncation statistics need at least 2 rows, got {n_stats}")
+            self.register_buffer("truncation_means", torch.zeros(n_stats, num_features))
+            self.register_buffer("truncation_vars", torch.ones(n_stats, num_features))
+
+    def truncation_statistics(self, truncation: float) -> tuple[Tensor, Tensor]:
+        """(mean, var) for truncation t in (0, 1]: rows i = floor(t / step) and i + 1 mixed as
+        row_i * frac + row_{i+1} * (1 - frac) (the release's weighting, kept as is: it is what its G was sampled
+        with), or row i alone when t sits on the grid."""
+        check_truncation(truncation)
+        frac, whole = math.modf(truncation / (1.0 / (self.n_stats - 1)))
+        i = int(whole)
+        means, variances = self.truncation_means, self.truncation_vars
+        if frac == 0.0:
+            return means[i], variances[i]
+        return means[i] * frac + means[i + 1] * (1 - frac), variances[i] * frac + variances[i + 1] * (1 - frac)
+
+    def forward(self, x: Tensor, y: Tensor | None = None, truncation: float | None = None) -> Tensor:
+        if self.n_stats and truncation is not None and not self.training:
+            mean, var = self.truncation_statistics(truncation)
+            out = F.batch_norm(x, mean, var, self.bn.weight, self.bn.bias, False, 0.0, self.bn.eps)
+        else:
+            out = self.bn(x)
+        if not self.conditional:
+            return out
+        if y is None:
+            raise ValueError("a conditional batch norm needs its conditioning vector y")
+        return out * (1 + self.gain(y))[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+@torch.no_grad()
+def standing_statistics(module: nn.Module, forward: Callable[[], object], num_batches: int) -> None:
+    """BigGAN's "standing statistics": every BatchNorm of `module` re-estimates its running statistics as the
+    plain average over `num_batches` calls of `forward()` (which runs `module` on fresh inputs), replacing what
+    training's momentum average accumulated. Only the BatchNorms switch to training mode meanwhile: every other
+    layer keeps its mode (spectral norms in eval mode do not iterate). Each BatchNorm's mode is restored after."""
+    if num_batches < 1:
+        raise ValueError(f"standing statistics need at least one batch, got {num_batches}")
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+        m.train()
+    try:
+        for _ in range(num_batches):
+            forward()
+    finally:
+        for m, (momentum, training) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+
+
+__all__ = [
+    "ConditionalBatchNorm2d",
+    "CrossReplicaBatchNorm",
+    "check_truncation",
+    "convert_batchnorm",
+    "standing_statistics",
+]

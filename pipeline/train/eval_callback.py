@@ -104,7 +104,7 @@ class EvalCallback(L.Callback):
                 "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
                 "seconds": round(seconds, 3),
                 "num_ranks": trainer.world_size,
-                "extractor": self.evaluator.extractor.extractor_id,
+                "extractor": self.evaluator.extractor_id,
                 "results": results,
             }
             append_line(self.metrics_url, json.dumps(record))

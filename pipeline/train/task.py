@@ -273,7 +273,8 @@ class GANTask(L.LightningModule):
         t = self.cfg.train
         ema_kimg = t.ema_kimg if t.ema_kimg is not None else self.cfg.data.batch_size * 10 / 32
         nimg = self.cur_nimg - self.ema_nimg
-        update_ema(self.G_ema, self.G, ema_beta(nimg, ema_kimg, t.ema_rampup, self.ema_nimg))
+        started = self.cur_nimg >= t.ema_start_kimg * 1000  # BigGAN-PyTorch: itr >= ema_start, itr counted first
+        update_ema(self.G_ema, self.G, ema_beta(nimg, ema_kimg, t.ema_rampup, self.ema_nimg) if started else 0.0)
         self.ema_nimg = self.cur_nimg
 
     def _log_step(self, stats: dict[str, Tensor]) -> None:

@@ -74,3 +74,44 @@ def test_eval_errors_are_one_line(make_config, tmp_path, capsys) -> None:
     assert "does not exist" in capsys.readouterr().err
     assert main(["eval", str(tmp_path), "--metrics", "fdi8"]) == 2
     assert "metric 'fdi8' is unknown" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--metrics", "acc8_full"]) == 2
+    err = capsys.readouterr().err
+    assert "acc8_full" in err and "drop '_full'" in err and err.count("\n") == 1
+    assert main(["eval", str(tmp_path), "--metrics", "ifid8", "--classes", "0,two"]) == 2
+    err = capsys.readouterr().err
+    assert "--classes '0,two' is invalid" in err and err.count("\n") == 1
+
+
+def test_class_metrics_of_a_class_conditional_run(make_config, tmp_path, capsys, monkeypatch) -> None:
+    import pipeline.metrics.classifier as classifier_module
+    from pipeline.data import synthetic_dataset_url
+    from pipeline.metrics.classifier import ClassifierRecipe
+
+    monkeypatch.setattr(classifier_module, "DEFAULT_RECIPE", ClassifierRecipe(steps=20))  # plumbing, not quality
+    calls: list[int] = []
+    real_train = classifier_module.train_classifier
+    monkeypatch.setattr(classifier_module, "train_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    cfg = make_config("model.c_dim=6", "train.total_kimg=0.008")
+    train(cfg)
+    capsys.readouterr()
+    data = synthetic_dataset_url(cfg.data.resolved_cache_dir(), cfg.data.synth.n, 16, cfg.data.synth.seed)
+    common = ["--metrics", "acc64,ifid4", "--classes", "2,0", "--extractor", "small", "--cache",
+              str(tmp_path / "evalcache"), "--no-progress"]  # fmt: skip
+
+    assert main(["eval", "stats", data, *common]) == 0  # the classifier and the two classes' references, ahead
+    acc, ifid = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert acc["metric"] == "acc64" and acc["cache_hit"] is False and acc["num_train"] > 40
+    assert ifid["metric"] == "ifid4" and set(ifid["num_real"]) == {"0", "2"} and ifid["cache_hit"] is False
+
+    assert main(["eval", cfg.run_dir, *common]) == 0  # the run's own data (the synthetic set), from the cache
+    record = json.loads(capsys.readouterr().out)
+    assert set(record["results"]) == {"acc64", "acc64_ceiling", "acc64_chance", "ifid4"}
+    assert record["data"] == data and record["extractor"] == "small-seed0" and calls == [1]
+    assert record["details"]["acc64"]["classifier"] == acc["classifier"]
+    assert list(record["details"]["ifid4"]["classes"]) == ["2", "0"]
+    assert record["results"]["ifid4"] == sum(record["details"]["ifid4"]["classes"].values()) / 2
+
+    assert main(["eval", cfg.run_dir, "--metrics", "acc64", "--cache", str(tmp_path / "evalcache"),
+                 "--no-progress"]) == 0  # fmt: skip
+    record = json.loads(capsys.readouterr().out)
+    assert record["extractor"] is None and calls == [1]  # acc alone: no feature extractor (no Inception weights)

@@ -17,6 +17,11 @@ from pipeline.metrics.spec import parse_metric
         ("pr10k5", "pr", 10000, 10000, 5),
         ("clip_score30k", "clip_score", 30000, 0, 3),
         ("fid256", "fid", 256, 256, 3),
+        ("acc10k", "acc", 10000, 0, 3),
+        ("acc1k", "acc", 1000, 0, 3),
+        ("ifid5k", "ifid", 5000, 5000, 3),
+        ("ifid5k_full", "ifid", 5000, None, 3),
+        ("ifid50", "ifid", 50, 50, 3),
     ],
 )
 def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | None, nn: int) -> None:
@@ -24,7 +29,24 @@ def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | No
     assert (s.kind, s.num_gen, s.num_real, s.neighbours) == (kind, num_gen, num_real, nn)
 
 
-@pytest.mark.parametrize("name", ["fid", "fdi50k", "fid0", "is50k_full", "fid50k3", "clip_score30k_full", "FID50k"])
+@pytest.mark.parametrize(
+    "name",
+    ["fid", "fdi50k", "fid0", "is50k_full", "fid50k3", "clip_score30k_full", "FID50k", "acc1k_full", "acc10k3",
+     "ifid1", "ifid5k3_full", "iifid5k", "acc"],
+)  # fmt: skip
 def test_bad_names_say_what_is_valid(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
         parse_metric(name)
+
+
+def test_the_unknown_name_error_lists_every_kind() -> None:
+    with pytest.raises(ConfigError, match="fid, kid, is, pr, clip_score, acc, ifid") as e:
+        parse_metric("accuracy1k")
+    assert "acc10k" in str(e.value) and "ifid5k_full" in str(e.value)
+
+
+def test_what_each_kind_needs() -> None:
+    acc, ifid, fid = parse_metric("acc1k"), parse_metric("ifid5k_full"), parse_metric("fid50k_full")
+    assert acc.needs_reals and acc.needs_classes and not acc.needs_extractor  # reals train the classifier
+    assert ifid.needs_reals and ifid.needs_classes and ifid.needs_extractor and not ifid.needs_real_features
+    assert not fid.needs_classes

@@ -67,3 +67,34 @@ def test_evaluation_does_not_change_training(make_config, tmp_path) -> None:
     for k in a["G"]:
         assert torch.equal(a["G"][k], b["G"][k]), k
     assert len(_records(str(tmp_path / "eval"))) == 3
+
+
+def test_class_metrics_during_training_keep_the_most_accurate_checkpoint(make_config, monkeypatch) -> None:
+    import pipeline.metrics.classifier as classifier_module
+    from pipeline.metrics.classifier import ClassifierRecipe
+
+    monkeypatch.setattr(classifier_module, "DEFAULT_RECIPE", ClassifierRecipe(steps=20))  # plumbing, not quality
+    calls: list[int] = []
+    real_train = classifier_module.train_classifier
+    monkeypatch.setattr(classifier_module, "train_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k))
+    cfg = make_config(
+        "model.c_dim=6",  # the synthetic shapes' 6 classes
+        "train.total_kimg=0.032",
+        "eval.metrics=[acc32,ifid4]",
+        "eval.classes=[0,2]",
+        "eval.extractor=small",
+        "eval.every_kimg=0.016",
+        "eval.batch_size=16",
+        "eval.best_metric=acc32",
+    )
+    train(cfg)
+    records = _records(cfg.run_dir)
+    assert [r["cur_nimg"] for r in records] == [16, 32]
+    for r in records:
+        assert set(r["results"]) == {"acc32", "acc32_ceiling", "acc32_chance", "ifid4"}
+        assert 0 <= r["results"]["acc32"] <= 1 and r["results"]["acc32_chance"] == 1 / 6
+        assert math.isfinite(r["results"]["ifid4"]) and r["results"]["ifid4"] > 0
+    assert calls == [1]  # trained at the first evaluation, then kept
+    with open(f"{cfg.run_dir}/checkpoints/best-acc32.json") as fh:
+        best = json.load(fh)
+    assert best["value"] == max(r["results"]["acc32"] for r in records)  # higher is better
