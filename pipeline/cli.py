@@ -143,6 +143,22 @@ def _cmd_bench_ops(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from pipeline.train.bench import format_report, run_bench_train
+
+    result = run_bench_train(
+        args.recipe,
+        args.overrides,
+        steps=args.steps,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        device=args.device,
+        callbacks=args.callbacks,
+    )
+    print(format_report(result))
+    return 0
+
+
 def _eval_changes(args: argparse.Namespace) -> dict:
     from pipeline.metrics.config import parse_classes
 
@@ -495,6 +511,24 @@ def build_parser() -> argparse.ArgumentParser:
         "memory, registers, spills (default: this GPU's, if sm_80/sm_90)",
     )
     s.set_defaults(func=_cmd_bench_ops)
+    s = bench_sub.add_parser(
+        "train",
+        help="whole training steps of a recipe through the engine vs a bare loop (img/s, s/kimg, memory, "
+        "time per phase, engine overhead)",
+    )
+    s.add_argument("recipe", help="recipe YAML, e.g. recipes/biggan/imagenet128.yaml")
+    s.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.batch_size=8")
+    s.add_argument(
+        "--steps", type=int, default=None, help="timed steps per side and repeat (default: a multiple of every "
+        "phase's interval, at least 8)",
+    )  # fmt: skip
+    s.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
+    s.add_argument("--repeats", type=int, default=3, help="alternating engine/bare repeats (default 3)")
+    s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    s.add_argument(
+        "--callbacks", action="store_true", help="also run the checkpoint and sample-grid callbacks (temporary run dir)"
+    )
+    s.set_defaults(func=_cmd_bench_train)
 
     p = sub.add_parser(
         "eval",

@@ -1,0 +1,802 @@
+"""Whole-step training benchmark: what `ganpipe bench train` and `tools/bench_train.py` run.
+
+    ganpipe bench train RECIPE [KEY=VALUE ...] [--steps N] [--warmup W] [--repeats R] [--device cpu|cuda]
+                        [--callbacks]
+
+It builds the recipe's networks (any registered family; `key=value` overrides reduce widths or the batch) and
+times training steps two ways, side by side in one process, on the same networks, optimizers and batches:
+
+    engine  the real training engine: `GANTask.training_step` under the Lightning Trainer that
+            `pipeline.train.run.build_trainer` makes (the recipe's precision, gradient-sync strategy and loggers,
+            which write into a temporary run dir; wandb off), one process on `--device`; no checkpoint,
+            sample-grid or evaluation callbacks unless `--callbacks` (checkpoints and sample grids at the recipe's
+            intervals, into the temporary run dir)
+    bare    the same work in a plain Python loop: for each phase due at the step, fresh latents and the fakes'
+            conditioning, only the phase's networks trainable, `objective.phase_loss` over the same
+            `train.batch_gpu` rounds, `loss.backward()`, `step()` of the same Adam optimizers; then G_ema's update
+            (`update_ema`). No Lightning, no gradient sanitising, no logging, no augmentation bookkeeping.
+
+Batches: `data.batch_size` random uint8 images (channels_last, as the stream hands them out) with what the family's
+conditioning reads (`Conditioning.kind`): class labels drawn from its classes, or its prompts as captions through
+its data-worker transform (`batch_transform`, e.g. the tokenizer). A few are made before timing and cycled; each
+step moves its batch to the device (from pinned memory on CUDA). No dataset on disk.
+
+Schedule: W warm-up steps of each side, then R repeats of N engine steps and N bare steps, the order alternating
+between repeats (so slow drift of the machine favours neither). The bare loop replays the engine's step indices,
+so lazily regularized phases (R1 every 16 steps, G every k-th step, ...) run equally often on both sides; N defaults
+to a multiple of every phase's interval. Each engine repeat is one `Trainer.fit`; a step is timed from Lightning's
+`on_train_batch_start` to the next one, so it covers the whole loop (batch transfer, training_step, callbacks,
+logger writes). Parts of a step are timed by marks around the engine's own methods (`BenchTask`), which leave
+what they do unchanged; on CUDA every mark synchronizes the device, on both sides alike.
+
+Parts: each of the objective's phases by name (latents, forward and backward over the accumulation rounds: from
+drawing its latents to its optimizer step); gradient sync + optimizer step of all phases (the engine's includes
+the strategy's all-reduce, nothing in one process, and the non-finite-gradient sanitising); EMA of G; data wait
+(the batch's transfer to the device); logging (the engine's `self.log` calls); callbacks (`on_train_batch_end`
+hooks); and two remainders: the rest of the step body (engine: `training_step`'s image conversion, conditioning,
+counters, augmentation bookkeeping; bare: the same conversion and the loop) and, engine only, the rest of
+Lightning's loop (its hooks and the loggers' writes).
+
+Figures: img/s, s/kimg and ms/step per side; engine / bare step-time ratio as the median of the repeats' ratios
+(with their range); peak memory: on CUDA `torch.cuda.max_memory_allocated` over each side's timed steps; on CPU the
+process's peak resident set (Linux: VmHWM, reset before each side's steps through /proc/self/clear_refs; elsewhere
+ru_maxrss, which cannot be reset), with its growth over the resident set when the steps began.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+from pipeline.models.conditioning import Cond, index_c
+from pipeline.objectives import Phase, PhaseInputs
+from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
+from pipeline.train.console import quiet_lightning
+from pipeline.train.ema import ema_beta, update_ema
+from pipeline.train.run import _ops_impl, build_trainer
+from pipeline.train.task import GANTask
+
+POOL = 4  # distinct synthetic batches, cycled
+MIN_STEPS = 8  # the default N is the phases' common period, repeated to at least this many steps
+
+# Part names besides the phases'.
+SYNC, EMA, DATA, LOGGING, CALLBACKS, BODY = "sync", "ema", "data", "logging", "callbacks", "training_step"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class SideRun:
+    """One side's timed steps in one repeat."""
+
+    side: str  # "engine" or "bare"
+    first_step: int  # step index of the first timed step
+    steps: int
+    seconds: float  # wall time of the steps
+    parts: dict[str, float]  # seconds per part, summed over the steps
+    runs: dict[str, int]  # how often each part ran
+    peak_bytes: int
+    base_bytes: int  # memory in use when the steps began (same measure as the peak)
+
+    @property
+    def step_s(self) -> float:
+        return self.seconds / self.steps
+
+
+class PartTimer:
+    """Seconds spent in named parts while a window of steps is open; outside one, marks cost nothing. On CUDA every
+    mark synchronizes the device, so a part's time is its own work, not whatever was queued before it."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.open = False
+        self._started: dict[str, float] = {}
+        self._seconds: defaultdict[str, float] = defaultdict(float)
+        self._runs: Counter[str] = Counter()
+        self._t0 = 0.0
+        self._memory: tuple[str, int] = ("", 0)
+
+    def now(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def begin(self, name: str) -> None:
+        if self.open:
+            self._started[name] = self.now()
+
+    def end(self, name: str) -> None:
+        t0 = self._started.pop(name, None)
+        if t0 is not None:
+            self._seconds[name] += self.now() - t0
+            self._runs[name] += 1
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        self.begin(name)
+        try:
+            yield
+        finally:
+            self.end(name)
+
+    def start_window(self) -> None:
+        self._started.clear()
+        self._seconds.clear()
+        self._runs.clear()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        self._memory = memory_start(self.device)
+        self.open = True
+        self._t0 = time.perf_counter()
+
+    def stop_window(self, side: str, first_step: int, steps: int) -> SideRun:
+        seconds = self.now() - self._t0
+        self.open = False
+        self._started.clear()
+        kind, base = self._memory
+        peak = memory_peak(kind, self.device)
+        return SideRun(side, first_step, steps, seconds, dict(self._seconds), dict(self._runs), peak, base)
+
+
+# Peak memory ----------------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_vmhwm() -> bool:
+    """Linux: reset the process's peak resident set (VmHWM) to its current one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return _proc_status_bytes("VmHWM") is not None
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def memory_start(device: torch.device) -> tuple[str, int]:
+    """(how the peak is measured, memory in use now), with the peak reset where that is possible."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return "cuda", torch.cuda.memory_allocated(device)
+    if _reset_vmhwm():
+        return "vmhwm", _proc_status_bytes("VmRSS") or 0
+    return "maxrss", _ru_maxrss_bytes()
+
+
+def memory_peak(kind: str, device: torch.device) -> int:
+    if kind == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    if kind == "vmhwm":
+        return _proc_status_bytes("VmHWM") or 0
+    return _ru_maxrss_bytes()
+
+
+MEMORY_LABELS = {
+    "cuda": "peak memory, GiB (torch.cuda.max_memory_allocated; growth during the steps)",
+    "vmhwm": "peak RSS, GiB (VmHWM, reset per side; growth during the steps)",
+    "maxrss": "peak RSS, GiB (ru_maxrss, process lifetime; growth during the steps)",
+}
+
+
+def process_started_at() -> float | None:
+    """This process's start as time.time(), from /proc (Linux), or None."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine, with timing marks
+
+
+class _TimedSync:
+    """The task's gradient-sync strategy, unchanged, with marks: a phase ends where it calls `step`, and the step
+    (all-reduce, sanitising, optimizer steps) is timed as its own part."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:  # everything but `step` is the strategy's own
+        if name == "_inner":  # not yet set (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def step(self, task: BenchTask, names: Sequence[str], optimizers: Sequence[torch.optim.Optimizer]) -> None:
+        task.timer.end(task.bench_phase)
+        with task.timer.part(SYNC):
+            self._inner.step(task, names, optimizers)
+        if task.first_step_at is None:
+            task.first_step_at = time.time()
+
+
+class _CallbackMark(L.Callback):
+    """First and last in the callback list: times the callbacks' `on_train_batch_end` hooks between them."""
+
+    def __init__(self, timer: PartTimer, begin: bool) -> None:
+        self.timer, self.begin = timer, begin
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        if self.begin:
+            self.timer.begin(CALLBACKS)
+        else:
+            self.timer.end(CALLBACKS)
+
+
+class BenchTask(GANTask):
+    """GANTask with timing marks around its own methods (what they do is unchanged), its optimizers kept across
+    `Trainer.fit` calls (so Adam's state carries over between repeats, and the bare loop steps the same ones), and a
+    window of steps to time in a fit: `window = N` times the fit's steps 0..N-1 and skips the rest of its batches."""
+
+    def __init__(self, cfg: Config, timer: PartTimer) -> None:
+        super().__init__(cfg)
+        self.timer = timer
+        self.sync = _TimedSync(self.sync)  # type: ignore[assignment]
+        self.bench_phase = ""  # the phase in progress (for the sync's mark)
+        self.window: int | None = None
+        self.window_first_step = 0
+        self.window_run: SideRun | None = None
+        self.train_modes: dict[str, bool] = {}  # each submodule's mode while the engine trains
+        self.bench_optimizers: list[torch.optim.Optimizer] | None = None
+        self.first_step_at: float | None = None  # time.time() of the first optimizer step
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        if self.bench_optimizers is None:
+            self.bench_optimizers = super().configure_optimizers()
+        return self.bench_optimizers
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> int | None:
+        if self.window is None:
+            return None
+        if batch_idx == 0:
+            self.train_modes = {name: m.training for name, m in self.named_modules()}
+            self.window_first_step = self.step_idx
+            self.timer.start_window()
+        elif batch_idx == self.window:
+            self.window_run = self.timer.stop_window("engine", self.window_first_step, self.window)
+            return -1  # Lightning: skip the rest of the epoch (this batch included)
+        return None
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        with self.timer.part(DATA):
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        with self.timer.part(BODY):
+            super().training_step(batch, batch_idx)
+
+    def draw_latents(self, phase: Phase, n: int, real_c: Cond) -> tuple[torch.Tensor, Cond]:
+        self.bench_phase = phase.name  # a phase begins by drawing its latents and ends at its sync step
+        self.timer.begin(phase.name)
+        return super().draw_latents(phase, n, real_c)
+
+    def _update_ema(self) -> None:
+        with self.timer.part(EMA):
+            super()._update_ema()
+
+    def _log_step(self, stats: dict[str, torch.Tensor]) -> None:
+        with self.timer.part(LOGGING):
+            super()._log_step(stats)
+
+
+class _Batches:
+    """`count` batches of the pool from position `first` on (a plain iterable with a length: Lightning's loader)."""
+
+    def __init__(self, pool: list[dict[str, Any]], first: int, count: int) -> None:
+        self.pool, self.first, self.count = pool, first, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(self.count):
+            yield self.pool[(self.first + i) % len(self.pool)]
+
+
+def synthetic_batches(task: GANTask, count: int, device: torch.device) -> list[dict[str, Any]]:
+    """`count` batches as the stream hands them to the trainer, with what the family's conditioning reads."""
+    cfg, cond = task.cfg, task.conditioning
+    n, res = cfg.data.batch_size, cfg.data.resolution
+    channels = int(getattr(cfg.model, "img_channels", 3))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    transform = cond.batch_transform()
+    batches = []
+    for i in range(count):
+        labels = torch.full((n,), -1, dtype=torch.int64)
+        captions = [""] * n
+        if cond.kind == "class":
+            labels = torch.randint(0, int(cond.num_classes), (n,), generator=gen)  # type: ignore[attr-defined]
+        elif cond.kind == "text":
+            prompts = list(cond.prompts)  # type: ignore[attr-defined]
+            captions = [prompts[(i * n + j) % len(prompts)] for j in range(n)]
+        elif cond.kind != "none":
+            raise ConfigError(
+                f"family {cfg.family!r}: the benchmark cannot make batches for conditioning kind {cond.kind!r} "
+                "(it knows none, class and text)"
+            )
+        image = torch.randint(0, 256, (n, res, res, channels), dtype=torch.uint8, generator=gen)
+        batch: dict[str, Any] = {
+            "image": image.permute(0, 3, 1, 2),  # [N, C, H, W] in channels_last memory, as the stream's
+            "label": labels,
+            "caption": captions,
+            "key": [f"synthetic/{i:02d}/{j:05d}" for j in range(n)],
+        }
+        if transform is not None:
+            batch = transform(batch)  # what the data workers do (e.g. captions -> token ids)
+        batch = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+        if device.type == "cuda":
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batches.append(batch)
+    return batches
+
+
+def _engine_fit(
+    task: BenchTask, pool: list[dict[str, Any]], steps: int, timed: bool, callbacks: list[L.Callback]
+) -> SideRun | None:
+    """`steps` engine steps in one `Trainer.fit` (timed: one batch more, which closes the window and is skipped)."""
+    timer = task.timer
+    marks: list[L.Callback] = [_CallbackMark(timer, begin=True), *callbacks, _CallbackMark(timer, begin=False)]
+    trainer = build_trainer(task.cfg, marks, task.sync)  # type: ignore[arg-type]
+    task.window, task.window_run = (steps if timed else None), None
+    try:
+        trainer.fit(task, train_dataloaders=_Batches(pool, task.step_idx, steps + 1 if timed else steps))
+    finally:
+        task.window = None
+        timer.open = False
+    if timed and task.window_run is None:
+        raise RuntimeError("the engine stopped before its timed steps were done")
+    return task.window_run
+
+
+def _bare_steps(
+    task: BenchTask, pool: list[dict[str, Any]], first_step: int, steps: int, timed: bool
+) -> SideRun | None:
+    """`steps` steps of the plain loop at step indices `first_step`.. (see the module docstring)."""
+    cfg, t, timer, device = task.cfg, task.cfg.train, task.timer, task.timer.device
+    assert task.bench_optimizers is not None, "the engine runs first: it makes the optimizers"
+    # Lightning's teardown moved the networks and optimizer states to the CPU: back to the device, in the modes
+    # the engine trained them in.
+    task.to(device)
+    _optimizers_to_device(task.bench_optimizers, device)
+    for name, module in task.named_modules():
+        module.training = task.train_modes.get(name, module.training)
+    optimizers = dict(zip(task.net_names, task.bench_optimizers, strict=True))
+    trainable = {name: [p for p in task.net(name).parameters() if p.requires_grad] for name in task.net_names}
+    nets, objective, cond = task.networks(), task.objective, task.conditioning
+    ema_kimg = t.ema_kimg if t.ema_kimg is not None else cfg.data.batch_size * 10 / 32
+    autocast = t.precision == "bf16-mixed"
+
+    if timed:
+        timer.start_window()
+    for step in range(first_step, first_step + steps):
+        host = pool[step % len(pool)]
+        with timer.part(DATA):
+            batch = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in host.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            real_img = batch["image"].to(torch.float32) / 127.5 - 1
+            real_c = cond.from_batch(batch, device)
+            n = real_img.shape[0]
+            chunk = t.batch_gpu or n
+            g_stepped = False
+            for phase in task.phases:
+                if not phase.runs_at(step):
+                    continue
+                timer.begin(phase.name)
+                gen_z = torch.randn([n, task.z_dim], device=device)
+                gen_c = cond.for_fakes(real_c)
+                for name, params in trainable.items():
+                    for p in params:
+                        p.requires_grad_(name in phase.nets)
+                opts = [optimizers[name] for name in phase.nets]
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
+                for start in range(0, n, chunk):
+                    sl = slice(start, start + chunk)
+                    inputs = PhaseInputs(
+                        real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), task.augment,
+                        cur_nimg=task.cur_nimg, step=step,
+                    )  # fmt: skip
+                    loss, _ = objective.phase_loss(phase, nets, inputs)
+                    (loss * (chunk / n) if chunk < n else loss).backward()
+                timer.end(phase.name)
+                with timer.part(SYNC):
+                    for opt in opts:
+                        opt.step()
+                g_stepped = g_stepped or "G" in phase.nets
+            for params in trainable.values():
+                for p in params:
+                    p.requires_grad_(True)
+            if g_stepped:
+                with timer.part(EMA):
+                    beta = ema_beta(n, ema_kimg, t.ema_rampup, max(task.cur_nimg, n))
+                    update_ema(task.G_ema, task.G, beta)
+    return timer.stop_window("bare", first_step, steps) if timed else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class BenchResult:
+    recipe: str
+    cfg: Config
+    device: torch.device
+    phases: list[Phase]
+    params: dict[str, int]
+    steps: int
+    warmup: int
+    repeats: int
+    callbacks: bool
+    engine: list[SideRun] = field(default_factory=list)
+    bare: list[SideRun] = field(default_factory=list)
+    memory_kind: str = ""
+    started_at: float | None = None  # process start, time.time()
+    built_at: float = 0.0  # networks built
+    first_step_at: float | None = None  # the first optimizer step (engine, warm-up)
+    load_before: float | None = None  # the 1-minute load average when the benchmark began (other processes)
+
+    @property
+    def batch(self) -> int:
+        return self.cfg.data.batch_size
+
+    def step_s(self, side: str) -> float:
+        runs = self.engine if side == "engine" else self.bare
+        return sum(r.seconds for r in runs) / sum(r.steps for r in runs)
+
+    @property
+    def ratios(self) -> list[float]:
+        """engine / bare step time of each repeat."""
+        return [e.step_s / b.step_s for e, b in zip(self.engine, self.bare, strict=True)]
+
+    @property
+    def ratio(self) -> float:
+        """engine / bare step time over all timed steps."""
+        return self.step_s("engine") / self.step_s("bare")
+
+    def parts_ms(self, side: str) -> dict[str, float]:
+        """ms per step of each part, the remainders included (see `breakdown_rows`)."""
+        runs = self.engine if side == "engine" else self.bare
+        steps = sum(r.steps for r in runs)
+        total: defaultdict[str, float] = defaultdict(float)
+        for r in runs:
+            for name, s in r.parts.items():
+                total[name] += s
+        return {name: 1000 * s / steps for name, s in total.items()}
+
+    def runs(self, side: str) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for r in self.engine if side == "engine" else self.bare:
+            counts.update(r.runs)
+        return dict(counts)
+
+    def breakdown(self, side: str) -> list[tuple[str, float | None]]:
+        """(part, ms per step) in table order; the measured parts, then the remainders. None: not on this side."""
+        ms = self.parts_ms(side)
+        step = 1000 * self.step_s(side)
+        inner = [p.name for p in self.phases] + [SYNC, EMA, LOGGING]
+        rows: list[tuple[str, float | None]] = [(p.name, ms.get(p.name, 0.0)) for p in self.phases]
+        rows += [(SYNC, ms.get(SYNC, 0.0)), (EMA, ms.get(EMA, 0.0)), (DATA, ms.get(DATA, 0.0))]
+        if side == "engine":
+            body_rest = ms.get(BODY, 0.0) - sum(ms.get(k, 0.0) for k in inner)
+            loop_rest = step - ms.get(BODY, 0.0) - ms.get(DATA, 0.0) - ms.get(CALLBACKS, 0.0)
+            rows += [(LOGGING, ms.get(LOGGING, 0.0)), (CALLBACKS, ms.get(CALLBACKS, 0.0))]
+            rows += [("body_rest", body_rest), ("loop_rest", loop_rest)]
+        else:
+            measured = sum(v for _, v in rows if v is not None)
+            rows += [(LOGGING, None), (CALLBACKS, None), ("body_rest", step - measured), ("loop_rest", None)]
+        return rows
+
+    def outside_phases_ms(self) -> float:
+        """How many ms per step more the engine spends than the bare loop outside the phases (sync and optimizer
+        step, EMA, data, logging, callbacks, the rests): its machinery, without the phases' run-to-run noise."""
+        phases = {p.name for p in self.phases}
+        bare = dict(self.breakdown("bare"))
+        return sum((ms or 0.0) - (bare[name] or 0.0) for name, ms in self.breakdown("engine") if name not in phases)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device!r} is not one of cpu, cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available: use --device cpu")
+    return torch.device(device)
+
+
+def default_steps(phases: Sequence[Phase]) -> int:
+    """A multiple of every phase's interval (so each phase's share is its long-run share), at least MIN_STEPS."""
+    period = math.lcm(*(p.interval for p in phases)) if phases else 1
+    return period * max(1, math.ceil(MIN_STEPS / period))
+
+
+def run_bench_train(
+    recipe: str,
+    overrides: Sequence[str] = (),
+    *,
+    steps: int | None = None,
+    warmup: int = 2,
+    repeats: int = 3,
+    device: str | None = None,
+    callbacks: bool = False,
+    progress: bool = True,
+) -> BenchResult:
+    """Run the benchmark (see the module docstring); `progress` prints a line per repeat to stderr."""
+    for flag, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value} must be >= {least}")
+    dev = resolve_device(device)
+    load_before = None
+    with contextlib.suppress(OSError, AttributeError):
+        load_before = os.getloadavg()[0]
+    quiet_lightning()
+    with tempfile.TemporaryDirectory(prefix="ganpipe-bench-train-") as tmp:
+        # One process on the chosen device, writing only into the temporary run dir; no progress bar, no wandb.
+        forced = [
+            f"run_dir={tmp}/run",
+            "train.devices=1",
+            "train.num_nodes=1",
+            f"train.accelerator={'gpu' if dev.type == 'cuda' else 'cpu'}",
+            "train.progress_bar=false",
+            "logger.wandb.project=null",
+        ]
+        cfg = load_config(recipe, [*overrides, *forced])
+        with _ops_impl(cfg.ops.impl):
+            result = _run(recipe, cfg, dev, steps, warmup, repeats, callbacks, progress)
+    result.load_before = load_before
+    return result
+
+
+def _run(
+    recipe: str,
+    cfg: Config,
+    device: torch.device,
+    steps: int | None,
+    warmup: int,
+    repeats: int,
+    callbacks: bool,
+    progress: bool,
+) -> BenchResult:
+    def say(message: str) -> None:
+        if progress:
+            print(message, file=sys.stderr, flush=True)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    timer = PartTimer(device)
+    task = BenchTask(cfg, timer)
+    result = BenchResult(
+        recipe=recipe,
+        cfg=cfg,
+        device=device,
+        phases=list(task.phases),
+        params={n: sum(p.numel() for p in task.net(n).parameters()) for n in task.net_names},
+        steps=steps or default_steps(task.phases),
+        warmup=warmup,
+        repeats=repeats,
+        callbacks=callbacks,
+        started_at=process_started_at(),
+        built_at=time.time(),
+    )
+    t = cfg.train
+    extra: list[L.Callback] = []
+    if callbacks:
+        extra = [
+            KimgCheckpoint(cfg.run_dir, t.checkpoint_every_kimg, t.keep_last),
+            SampleGrid(cfg.run_dir, t.samples_every_kimg, t.grid_rows, t.grid_cols, seed=cfg.seed),
+        ]
+    pool = synthetic_batches(task, POOL, device)
+    n = result.steps
+
+    if warmup:
+        t0 = time.perf_counter()
+        first = task.step_idx
+        _engine_fit(task, pool, warmup, False, extra)
+        _bare_steps(task, pool, first, warmup, False)
+        say(f"bench train: warm-up, {warmup} steps per side: {time.perf_counter() - t0:.1f} s")
+    for r in range(repeats):
+        first = task.step_idx
+        for side in ("engine", "bare") if r % 2 == 0 else ("bare", "engine"):
+            if side == "engine":
+                run = _engine_fit(task, pool, n, True, extra)
+                assert run is not None
+                result.engine.append(run)
+            else:
+                run = _bare_steps(task, pool, first, n, True)
+                assert run is not None
+                result.bare.append(run)
+        e, b = result.engine[-1], result.bare[-1]
+        say(
+            f"bench train: repeat {r + 1}/{repeats}: engine {1000 * e.step_s:.1f} ms/step, bare "
+            f"{1000 * b.step_s:.1f} ms/step, ratio {e.step_s / b.step_s:.3f}"
+        )
+    result.memory_kind = timer._memory[0]
+    result.first_step_at = task.first_step_at
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+ROW_LABELS = {
+    SYNC: "gradient sync + optimizer step",
+    EMA: "EMA of G",
+    DATA: "data wait (batch to device)",
+    LOGGING: "logging (self.log)",
+    CALLBACKS: "callbacks (on_train_batch_end)",
+    "body_rest": "rest of the step body",
+    "loop_rest": "Lightning loop, loggers (rest)",
+}
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1f}" if abs(value) >= 10 else f"{value:.2f}"
+
+
+def _signed(value: float) -> str:
+    return ("+" if value >= 0 else "−") + _ms(abs(value))
+
+
+def _gib(b: int) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _device_words(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return f"cpu ({cpu}; {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _phase_words(phases: Sequence[Phase]) -> str:
+    parts = []
+    for p in phases:
+        if p.interval == 1:
+            parts.append(p.name)
+        else:
+            parts.append(f"{p.name} (every {p.interval} steps)")
+    return ", ".join(parts)
+
+
+def format_report(result: BenchResult) -> str:
+    cfg, res = result.cfg, result
+    n_total = sum(r.steps for r in res.engine)
+    e_s, b_s = res.step_s("engine"), res.step_s("bare")
+    batch_gpu = cfg.train.batch_gpu or cfg.data.batch_size
+    params = ", ".join(f"{k} {_millions(v)}" for k, v in res.params.items())
+    when = datetime.date.today().isoformat()
+    lines = [
+        f"#### `ganpipe bench train {res.recipe}`: {cfg.family}, {cfg.data.resolution}x{cfg.data.resolution}, "
+        f"batch {res.batch}",
+        "",
+        f"- networks: {params} parameters; phases: {_phase_words(res.phases)}; batch_gpu {batch_gpu}; precision "
+        f"{cfg.train.precision}; ops {cfg.ops.impl}",
+        f"- device: {_device_words(res.device)}; torch {torch.__version__}, lightning {L.__version__}; {when}"
+        + ("" if res.load_before is None else f"; load average {res.load_before:.2f} before the benchmark"),
+        f"- {_count(res.warmup, 'warm-up step')} per side, then {_count(res.repeats, 'repeat')} of "
+        f"{_count(res.steps, 'step')} per side, alternating; callbacks: "
+        f"{'checkpoints and sample grids' if res.callbacks else 'none'}",
+    ]
+    if res.started_at is not None and res.first_step_at is not None:
+        lines.append(
+            f"- time to the first optimizer step: {res.first_step_at - res.started_at:.1f} s from process start "
+            f"(networks built at {res.built_at - res.started_at:.1f} s)"
+        )
+    ratios = res.ratios
+    extra = res.outside_phases_ms()
+    lo, hi = min(ratios), max(ratios)
+    peak = {side: max(runs, key=lambda r: r.peak_bytes) for side, runs in (("engine", res.engine), ("bare", res.bare))}
+    lines += [
+        "",
+        "| | engine | bare loop | engine / bare |",
+        "| --- | ---: | ---: | ---: |",
+        f"| img/s | {res.batch / e_s:.1f} | {res.batch / b_s:.1f} | |",
+        f"| s/kimg | {1000 * e_s / res.batch:.2f} | {1000 * b_s / res.batch:.2f} | |",
+        f"| ms/step | {_ms(1000 * e_s)} | {_ms(1000 * b_s)} | {e_s / b_s:.3f} |",
+        f"| {MEMORY_LABELS.get(res.memory_kind, 'peak memory, GiB')} | "
+        + " | ".join(
+            f"{_gib(peak[s].peak_bytes)} (+{_gib(max(peak[s].peak_bytes - peak[s].base_bytes, 0))})"
+            for s in ("engine", "bare")
+        )
+        + " | |",
+        "",
+        f"Engine overhead: {100 * extra / (1000 * b_s):+.1f}% of the bare step ({_signed(extra)} ms/step): what the "
+        "engine spends outside the phases beyond the bare loop (sync and optimizer step, data, logging, callbacks, "
+        f"Lightning's loop). Whole steps, engine / bare: {statistics.median(ratios):.3f}, the median of "
+        f"{_count(len(ratios), 'alternating repeat')} (range {lo:.3f}-{hi:.3f}; {res.ratio:.3f} from the means "
+        "above); the phases run the same objective code on both sides, and the spread over repeats shows how "
+        "noisy the machine is.",
+        "",
+        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    engine_runs = res.runs("engine")
+    bare_rows = dict(res.breakdown("bare"))
+    for name, e_ms in res.breakdown("engine"):
+        b_ms = bare_rows[name]
+        label = ROW_LABELS.get(name, name)
+        runs = str(engine_runs.get(name, 0)) if name not in ("body_rest", "loop_rest") else ""
+        diff = _signed(e_ms - b_ms) if e_ms is not None and b_ms is not None else ""
+        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |")
+    lines.append(
+        f"| **step** | {n_total} | **{_ms(1000 * e_s)}** | **{_ms(1000 * b_s)}** | {_signed(1000 * (e_s - b_s))} |"
+    )
+    lines += [
+        "",
+        "A phase is its latents, forward and backward (from drawing its latents to its optimizer step), averaged "
+        "over all steps; `runs` counts how often a part ran. The two rest rows are what the marks leave: "
+        "training_step's (or the bare loop's) own code, and Lightning's loop with the loggers' writes.",
+    ]
+    uneven = [p for p in res.phases if res.steps % p.interval]
+    if uneven:
+        names = ", ".join(f"{p.name} (every {p.interval})" for p in uneven)
+        lines.append(
+            f"Note: {res.steps} steps is not a multiple of the interval of {names}: its share of the step differs "
+            "from its long-run share; the default --steps is."
+        )
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BenchResult",
+    "BenchTask",
+    "PartTimer",
+    "SideRun",
+    "default_steps",
+    "format_report",
+    "run_bench_train",
+    "synthetic_batches",
+]

@@ -1,0 +1,96 @@
+"""`ganpipe bench train`: the whole-step benchmark runs every family's phases through the engine and the bare loop,
+prints one table whose parts add up to the step, and turns bad input into one line."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pipeline.cli import main
+from tests.conftest import FAST_OVERRIDES, REPO, TINY_RECIPE
+
+BIGGAN_TINY = str(REPO / "recipes" / "biggan" / "tiny.yaml")
+BIGGAN_FAST = ["model.ch=4", "model.d_ch=2", "model.z_dim=16", "model.shared_dim=8", "data.batch_size=8"]
+QUICK = ["--warmup", "1", "--repeats", "1", "--device", "cpu"]
+REST_ROWS = ("rest of the step body", "Lightning loop, loggers (rest)")
+
+
+def _number(cell: str) -> float | None:
+    cell = cell.strip().strip("*").replace("−", "-")
+    return None if cell in ("", "–") else float(cell)
+
+
+def breakdown(out: str) -> tuple[dict[str, tuple[str, float | None, float | None]], tuple[float, float]]:
+    """The per-part table: {part: (runs, engine ms, bare ms)} and the step row's (engine, bare) ms."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| part (ms per step"))
+    rows: dict[str, tuple[str, float | None, float | None]] = {}
+    for line in lines[start + 2 :]:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "**step**":
+            engine, bare = _number(cells[2]), _number(cells[3])
+            assert engine is not None and bare is not None
+            return rows, (engine, bare)
+        rows[cells[0]] = (cells[1], _number(cells[2]), _number(cells[3]))
+    raise AssertionError(f"no step row in:\n{out}")
+
+
+def check_table(out: str, phases: dict[str, int], steps: int) -> None:
+    """Every phase ran as often as expected on both sides; measured parts (without the two remainders) sum to no
+    more than the step, and everything to the step (within the table's rounding); the summary has img/s etc."""
+    rows, (engine_step, bare_step) = breakdown(out)
+    for name, runs in phases.items():
+        assert name in rows, f"phase {name} missing:\n{out}"
+        assert rows[name][0] == str(runs), (name, rows[name])
+        engine_ms, bare_ms = rows[name][1], rows[name][2]
+        assert engine_ms is not None and engine_ms > 0 and bare_ms is not None and bare_ms > 0, (name, rows[name])
+    for part in ("gradient sync + optimizer step", "EMA of G", "data wait (batch to device)", "logging (self.log)"):
+        assert part in rows and (rows[part][1] or 0) > 0, (part, rows.get(part))
+    for side, step in ((1, engine_step), (2, bare_step)):
+        measured = [r[side] for name, r in rows.items() if name not in REST_ROWS and r[side] is not None]
+        everything = [r[side] for r in rows.values() if r[side] is not None]
+        rounding = 0.01 * len(everything) + 0.06
+        assert sum(measured) <= step + rounding, (side, measured, step)
+        assert all(rows[name][side] is None or rows[name][side] >= -rounding for name in REST_ROWS), rows
+        assert abs(sum(everything) - step) <= rounding, (side, everything, step)
+    for label in ("| img/s |", "| s/kimg |", "| ms/step |", "peak RSS, GiB"):
+        assert label in out, label
+    assert re.search(r"Engine overhead: [+-]\d+\.\d% of the bare step \([+−][\d.]+ ms/step\)", out), out
+    assert re.search(r"Whole steps, engine / bare: \d\.\d{3}, the median of 1 alternating repeat", out), out
+    assert f"| **step** | {steps} |" in out
+
+
+def test_stylegan2_every_phase(capsys, one_torch_thread) -> None:
+    # Greg and Dreg every 2nd step so that 2 timed steps run each phase once.
+    overrides = ["loss.pl_weight=2", "loss.g_reg_interval=2", "loss.d_reg_interval=2"]
+    code = main(["bench", "train", TINY_RECIPE, *FAST_OVERRIDES, *overrides, "--steps", "2", *QUICK])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "stylegan2, 16x16, batch 8" in out
+    check_table(out, {"Gmain": 2, "Greg": 1, "Dmain": 2, "Dreg": 1}, steps=2)
+
+
+def test_biggan_every_phase(capsys, one_torch_thread) -> None:
+    code = main(["bench", "train", BIGGAN_TINY, *BIGGAN_FAST, "--steps", "2", *QUICK])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "biggan, 32x32, batch 8" in out
+    check_table(out, {"Dmain": 2, "Gmain": 1}, steps=2)  # d_steps 2: G trains on every 2nd step
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([TINY_RECIPE, "data.batchsize=8"], "unknown config key 'data.batchsize'"),
+        ([TINY_RECIPE, "--steps", "0"], "--steps 0 must be >= 1"),
+        ([TINY_RECIPE, "--repeats", "0"], "--repeats 0 must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line(capsys, args: list[str], message: str) -> None:
+    code = main(["bench", "train", *args, "--device", "cpu"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], captured.err
