@@ -5,7 +5,6 @@ with the whole batch, the recipes' published values, and train -> export -> gene
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from pipeline.train import train
 from pipeline.train.distributed import leave_process_group
 from pipeline.train.run import build_trainer
 from pipeline.train.task import GANTask
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 TINY = str(REPO / "recipes" / "biggan" / "tiny.yaml")
 FAST = [
@@ -224,11 +223,8 @@ def test_cross_replica_bn_two_ranks_equal_one_process(tmp_path: Path, sync_batch
               "optim.eps=1e-3"]  # fmt: skip
     single = _config(tmp_path, *common, "train.devices=1")
     dist = _config(tmp_path, *common, "train.devices=2", "train.backend=gloo", f"train.sync_batchnorm={sync_batchnorm}")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path / "rank")
-    mp.spawn(_bn_worker, args=(port, dist.to_dict(), out), nprocs=2, join=True)
+    mp.spawn(_bn_worker, args=(free_port(), dist.to_dict(), out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}-{r}.pt", weights_only=True) for r in range(2)]
     threads = torch.get_num_threads()
     try:
