@@ -16,13 +16,18 @@ objective state, augmentation state (ADA's p and its pending sign sums), counter
 position. The augmentation pipe (`cfg.augment`) is handed to every phase; after each step it may adjust p (ADA,
 with the sign sums reduced over ranks) and its values are logged (`Augment/p`, `Augment/rt`).
 
-Several ranks: gradients and buffers meet through the strategy; logged losses are means over ranks; each rank
-draws its own latents and its RNG state is checkpointed per rank.
+Logging: each step's statistics (losses, penalties, scores, augmentation values) accumulate on the device; every
+`train.log_every_kimg` they are logged as means over the steps since the last write, so the hot path has no host
+sync and no per-step logging call.
+
+Several ranks: gradients and buffers meet through the strategy; logged statistics are also means over ranks (one
+collective per write); each rank draws its own latents and its RNG state is checkpointed per rank.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -47,6 +52,8 @@ from pipeline.train.strategy import build_sync
 from pipeline.train.transfer import freeze_discriminator
 
 log = logging.getLogger(__name__)
+
+PROGRESS_BAR_NAMES = {"Loss/G/loss": "loss_G", "Loss/D/loss": "loss_D"}  # shown beside kimg on a terminal
 
 
 class GANTask(L.LightningModule):
@@ -90,6 +97,9 @@ class GANTask(L.LightningModule):
         self.preempted = False  # set when a preemption signal stopped training (pipeline.train.preemption)
         self._tick_time = time.perf_counter()
         self._tick_nimg = 0
+        # Step statistics since the last logger write: running sums on the device and how many steps each has.
+        self._stat_sums: dict[str, Tensor] = {}
+        self._stat_counts: dict[str, int] = {}
         # Set by the data module: follows the stream's position and bad-data counters through consumed batches.
         self.data_monitor: StreamMonitor | None = None
         self.resume_data_state: dict[str, Any] | None = None  # the checkpoint's `data` entry, for the data module
@@ -278,40 +288,60 @@ class GANTask(L.LightningModule):
         self.ema_nimg = self.cur_nimg
 
     def _log_step(self, stats: dict[str, Tensor]) -> None:
-        kimg = self.cur_nimg / 1000
-        if self.world_size > 1 and stats:
-            # Means over ranks, in one collective (every rank runs the same phases, so the names agree).
-            names = sorted(stats)
-            values = torch.stack([stats[k].float().reshape(()) for k in names]).to(self.device)
-            values = self.trainer.strategy.reduce(values, reduce_op="mean")
-            stats = dict(zip(names, values.unbind(), strict=True))
-        self.log("kimg", kimg, prog_bar=True, on_step=True, on_epoch=False, rank_zero_only=True)
-        for name, value in stats.items():
-            short = {"Loss/G/loss": "loss_G", "Loss/D/loss": "loss_D"}.get(name)
-            self.log(name, value, on_step=True, on_epoch=False, sync_dist=False)
-            if short:
-                self.log(short, value, prog_bar=True, on_step=True, on_epoch=False, logger=False)
-        if self.trainer is not None and self.step_idx % max(self.trainer.log_every_n_steps, 1) == 0:
-            now = time.perf_counter()
-            dt, dn = now - self._tick_time, self.cur_nimg - self._tick_nimg
-            if dt > 0 and dn > 0:
-                self.log("Timing/img_per_sec", dn / dt, on_step=True, on_epoch=False)
-                self.log("Timing/sec_per_kimg", dt / (dn / 1000), on_step=True, on_epoch=False)
-            self.log("Resources/peak_mem_gb", peak_memory_gb(self.device), on_step=True, on_epoch=False)
-            self._tick_time, self._tick_nimg = now, self.cur_nimg
-            self._log_data()
+        """Add this step's statistics to running sums on the device (no host sync, no collective); on the loggers'
+        steps (`Trainer.log_every_n_steps`, which `train.log_every_kimg` sets) write each one's mean over the steps
+        since the last write that produced it, as a mean over ranks (one collective), with kimg, img/s, peak
+        memory and the data counters, to the loggers at x = `log_step`.
 
-    def _log_data(self) -> None:
-        """Data counters summed over ranks (every rank takes part), logged; then the "too many bad samples" stop,
-        which every rank decides alike from the same sums, so no rank is left waiting in a collective."""
-        if self.data_monitor is None:
+        A statistic appears only in the rows of windows in which it was computed (R1 every 16 steps is not
+        repeated in the rows between). That is why rows go to the loggers directly: Lightning's `self.log` keeps
+        a key's last value and writes it again at every later logging step. `self.log` (logger=False) still
+        feeds the progress bar and `trainer.callback_metrics` (the console's tick lines)."""
+        for name, value in stats.items():
+            v = value.detach().float().reshape(())
+            self._stat_sums[name] = self._stat_sums[name] + v if name in self._stat_sums else v
+            self._stat_counts[name] = self._stat_counts.get(name, 0) + 1
+        if self.trainer is None or self.step_idx % max(self.trainer.log_every_n_steps, 1) != 0:
             return
+        names = sorted(self._stat_sums)  # every rank ran the same phases: the same names, in this order
+        means: list[float] = []
+        if names:
+            stacked = torch.stack([self._stat_sums[k] / self._stat_counts[k] for k in names]).to(self.device)
+            if self.world_size > 1:
+                stacked = self.trainer.strategy.reduce(stacked, reduce_op="mean")
+            means = stacked.cpu().tolist()  # the window's one host sync
+        self._stat_sums, self._stat_counts = {}, {}
+        row = {"kimg": self.cur_nimg / 1000, **dict(zip(names, means, strict=True))}
+        now = time.perf_counter()
+        dt, dn = now - self._tick_time, self.cur_nimg - self._tick_nimg
+        if dt > 0 and dn > 0:
+            row["Timing/img_per_sec"] = dn / dt
+            row["Timing/sec_per_kimg"] = dt / (dn / 1000)
+        row["Resources/peak_mem_gb"] = peak_memory_gb(self.device)
+        self._tick_time, self._tick_nimg = now, self.cur_nimg
+        totals = self._data_totals()
+        if totals is not None:
+            row.update(StreamMonitor.log_values(totals))
+        if self.global_rank == 0:
+            for logger in self.loggers:
+                logger.log_metrics(row, step=self.log_step)
+            for name, value in row.items():
+                log = functools.partial(self.log, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
+                log(name, value, prog_bar=name == "kimg")
+                if name in PROGRESS_BAR_NAMES:
+                    log(PROGRESS_BAR_NAMES[name], value, prog_bar=True)
+        if totals is not None:
+            self.data_monitor.check(totals)  # raises DatasetError; checkpoints and logs written so far stay
+
+    def _data_totals(self) -> Tensor | None:
+        """The data counters summed over ranks (every rank takes part, so every rank then decides the "too many
+        bad samples" stop alike and none is left waiting in a collective); None without a stream monitor."""
+        if self.data_monitor is None:
+            return None
         totals = self.data_monitor.counters()
         if self.world_size > 1:
             totals = self.trainer.strategy.reduce(totals.to(self.device), reduce_op="sum").cpu()
-        for name, value in StreamMonitor.log_values(totals).items():
-            self.log(name, value, on_step=True, on_epoch=False, rank_zero_only=True)
-        self.data_monitor.check(totals)  # raises DatasetError; checkpoints and logs written so far stay
+        return totals
 
     # ------------------------------------------------------------------------------------------------------------
     # Exact resume

@@ -67,3 +67,24 @@ def test_tensorboard_scalars_and_sample_grids_continue(make_config) -> None:
     grids = events.Images("samples/fakes")
     assert [e.step for e in grids] == [0, 1, 3] and events.Images("samples/reals")
     assert len(list(Path(cfg.run_dir, "logs", "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per attempt
+
+
+def test_logged_statistics_are_means_over_the_steps_since_the_last_write(make_config, tmp_path: Path) -> None:
+    # Oracle: the same run logged at every step. Logging never touches the RNG, so both runs train identically.
+    r1_every_2 = ["loss.d_reg_interval=2", "train.total_kimg=0.032"]  # R1 on steps 0 and 2 of 4: half the steps
+    every = make_config(*LOG_EVERY_STEP, *r1_every_2, f"run_dir={tmp_path / 'every'}")
+    pairs = make_config(*LOG_EVERY_STEP, *r1_every_2, "train.log_every_kimg=0.016", f"run_dir={tmp_path / 'pairs'}")
+    train(every)
+    train(pairs)
+    per_step, per_pair = _rows(every.run_dir), _rows(pairs.run_dir)
+    assert [r["step"] for r in per_pair if r["Loss/D/loss"]] == ["1", "3"]
+    for name in ("Loss/G/loss", "Loss/D/loss", "Loss/scores/fake"):
+        values = [float(r[name]) for r in per_step if r[name]]
+        assert len(values) == 4
+        got = [float(r[name]) for r in per_pair if r[name]]
+        assert got == pytest.approx([(values[0] + values[1]) / 2, (values[2] + values[3]) / 2], rel=1e-5), name
+    # A lazily run phase's statistic is its mean over the steps it ran in, not diluted by the steps it skipped.
+    r1 = {int(r["step"]): float(r["Loss/r1_penalty"]) for r in per_step if r["Loss/r1_penalty"]}
+    assert sorted(r1) == [0, 2]
+    got = [float(r["Loss/r1_penalty"]) for r in per_pair if r["Loss/r1_penalty"]]
+    assert got == pytest.approx([r1[0], r1[2]], rel=1e-5)
