@@ -154,6 +154,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         device=args.device,
         callbacks=args.callbacks,
+        compare=args.compare,
     )
     print(format_report(result))
     return 0
@@ -527,6 +528,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     s.add_argument(
         "--callbacks", action="store_true", help="also run the checkpoint and sample-grid callbacks (temporary run dir)"
+    )
+    s.add_argument(
+        "--compare",
+        metavar="NAME=PATH",
+        help="also time the reference codebase's own step from a checkout at PATH, alternating, with the ratios: "
+        "nvlabs=PATH (NVlabs/stylegan2-ada-pytorch, StyleGAN2 recipes) or biggan-pytorch=PATH (ajbrock/BigGAN-PyTorch, "
+        "BigGAN recipes); its code is imported from PATH at run time",
     )
     s.set_defaults(func=_cmd_bench_train)
 

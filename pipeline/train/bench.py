@@ -1,10 +1,11 @@
 """Whole-step training benchmark: what `ganpipe bench train` and `tools/bench_train.py` run.
 
     ganpipe bench train RECIPE [KEY=VALUE ...] [--steps N] [--warmup W] [--repeats R] [--device cpu|cuda]
-                        [--callbacks]
+                        [--callbacks] [--compare nvlabs=PATH | biggan-pytorch=PATH]
 
 It builds the recipe's networks (any registered family; `key=value` overrides reduce widths or the batch) and
-times training steps two ways, side by side in one process, on the same networks, optimizers and batches:
+times training steps two ways, side by side in one process, on the same networks, optimizers and batches (and,
+with `--compare`, a third way: the reference codebase's own step, below):
 
     engine  the real training engine: `GANTask.training_step` under the Lightning Trainer that
             `pipeline.train.run.build_trainer` makes (the recipe's precision, gradient-sync strategy and loggers,
@@ -21,10 +22,18 @@ conditioning reads (`Conditioning.kind`): class labels drawn from its classes, o
 its data-worker transform (`batch_transform`, e.g. the tokenizer). A few are made before timing and cycled; each
 step moves its batch to the device (from pinned memory on CUDA). No dataset on disk.
 
-Schedule: W warm-up steps of each side, then R repeats of N engine steps and N bare steps, the order alternating
-between repeats (so slow drift of the machine favours neither). The bare loop replays the engine's step indices,
-so lazily regularized phases (R1 every 16 steps, G every k-th step, ...) run equally often on both sides; N defaults
-to a multiple of every phase's interval. Each engine repeat is one `Trainer.fit`; a step is timed from Lightning's
+    reference  (`--compare NAME=PATH`, `pipeline.train.bench_compare`) the reference codebase's own training step
+            (NVIDIA's StyleGAN2-ADA loss and loop step for StyleGAN2 recipes; BigGAN-PyTorch's
+            `train_fns.GAN_training_function` for BigGAN recipes), imported at run time from the checkout at PATH,
+            on its own networks built with the recipe's sizes and loaded with the task's weights (checked to
+            compute the same outputs first), its own optimizers and EMA, fed the same batches at the same step
+            indices. Without a path the report says in one line that the comparison was skipped.
+
+Schedule: W warm-up steps of each side, then R repeats of N engine steps and N bare steps (and N reference
+steps), the order alternating between repeats (engine, bare, reference; then reversed: so slow drift of the machine
+favours none). The bare loop (and the reference) replays the engine's step indices, so lazily regularized phases
+(R1 every 16 steps, G every k-th step, ...) run equally often on every side; N defaults to a multiple of every
+phase's interval. Each engine repeat is one `Trainer.fit`; a step is timed from Lightning's
 `on_train_batch_start` to the next one, so it covers the whole loop (batch transfer, training_step, callbacks,
 logger writes). Parts of a step are timed by marks around the engine's own methods (`BenchTask`), which leave
 what they do unchanged; on CUDA every mark synchronizes the device, on both sides alike.
@@ -38,9 +47,11 @@ counters, augmentation bookkeeping; bare: the same conversion and the loop) and,
 Lightning's loop (its hooks and the loggers' writes).
 
 Figures: img/s, s/kimg and ms/step per side; engine / bare step-time ratio as the median of the repeats' ratios
-(with their range); peak memory: on CUDA `torch.cuda.max_memory_allocated` over each side's timed steps; on CPU the
-process's peak resident set (Linux: VmHWM, reset before each side's steps through /proc/self/clear_refs; elsewhere
-ru_maxrss, which cannot be reset), with its growth over the resident set when the steps began.
+(with their range), and with a reference engine / reference and bare / reference the same way; peak memory: on
+CUDA `torch.cuda.max_memory_allocated` over each side's timed steps; on CPU the process's peak resident set (Linux:
+VmHWM, reset before each side's steps through /proc/self/clear_refs; elsewhere ru_maxrss, which cannot be reset),
+with its growth over the resident set when the steps began. A reference's networks and optimizers stay resident
+through every side's steps (on CPU they count in every side's peak alike).
 """
 
 from __future__ import annotations
@@ -50,7 +61,6 @@ import datetime
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -58,7 +68,8 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import numpy as np
@@ -69,162 +80,29 @@ from pipeline.config import Config, load_config
 from pipeline.errors import ConfigError
 from pipeline.models.conditioning import Cond, index_c
 from pipeline.objectives import Phase, PhaseInputs
+from pipeline.train.bench_timing import (
+    BODY,
+    CALLBACKS,
+    DATA,
+    EMA,
+    LOGGING,
+    MEMORY_LABELS,
+    SYNC,
+    PartTimer,
+    SideRun,
+    process_started_at,
+)
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
 from pipeline.train.console import quiet_lightning
 from pipeline.train.ema import ema_beta, update_ema
 from pipeline.train.run import _ops_impl, build_trainer
 from pipeline.train.task import GANTask
 
+if TYPE_CHECKING:
+    from pipeline.train.bench_compare import CompareRequest, ComparisonInfo
+
 POOL = 4  # distinct synthetic batches, cycled
 MIN_STEPS = 8  # the default N is the phases' common period, repeated to at least this many steps
-
-# Part names besides the phases'.
-SYNC, EMA, DATA, LOGGING, CALLBACKS, BODY = "sync", "ema", "data", "logging", "callbacks", "training_step"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Timing
-
-
-@dataclass
-class SideRun:
-    """One side's timed steps in one repeat."""
-
-    side: str  # "engine" or "bare"
-    first_step: int  # step index of the first timed step
-    steps: int
-    seconds: float  # wall time of the steps
-    parts: dict[str, float]  # seconds per part, summed over the steps
-    runs: dict[str, int]  # how often each part ran
-    peak_bytes: int
-    base_bytes: int  # memory in use when the steps began (same measure as the peak)
-
-    @property
-    def step_s(self) -> float:
-        return self.seconds / self.steps
-
-
-class PartTimer:
-    """Seconds spent in named parts while a window of steps is open; outside one, marks cost nothing. On CUDA every
-    mark synchronizes the device, so a part's time is its own work, not whatever was queued before it."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.open = False
-        self._started: dict[str, float] = {}
-        self._seconds: defaultdict[str, float] = defaultdict(float)
-        self._runs: Counter[str] = Counter()
-        self._t0 = 0.0
-        self._memory: tuple[str, int] = ("", 0)
-
-    def now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    def begin(self, name: str) -> None:
-        if self.open:
-            self._started[name] = self.now()
-
-    def end(self, name: str) -> None:
-        t0 = self._started.pop(name, None)
-        if t0 is not None:
-            self._seconds[name] += self.now() - t0
-            self._runs[name] += 1
-
-    @contextlib.contextmanager
-    def part(self, name: str) -> Iterator[None]:
-        self.begin(name)
-        try:
-            yield
-        finally:
-            self.end(name)
-
-    def start_window(self) -> None:
-        self._started.clear()
-        self._seconds.clear()
-        self._runs.clear()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        self._memory = memory_start(self.device)
-        self.open = True
-        self._t0 = time.perf_counter()
-
-    def stop_window(self, side: str, first_step: int, steps: int) -> SideRun:
-        seconds = self.now() - self._t0
-        self.open = False
-        self._started.clear()
-        kind, base = self._memory
-        peak = memory_peak(kind, self.device)
-        return SideRun(side, first_step, steps, seconds, dict(self._seconds), dict(self._runs), peak, base)
-
-
-# Peak memory ----------------------------------------------------------------------------------------------------
-
-
-def _proc_status_bytes(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _reset_vmhwm() -> bool:
-    """Linux: reset the process's peak resident set (VmHWM) to its current one."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return _proc_status_bytes("VmHWM") is not None
-
-
-def _ru_maxrss_bytes() -> int:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-
-def memory_start(device: torch.device) -> tuple[str, int]:
-    """(how the peak is measured, memory in use now), with the peak reset where that is possible."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return "cuda", torch.cuda.memory_allocated(device)
-    if _reset_vmhwm():
-        return "vmhwm", _proc_status_bytes("VmRSS") or 0
-    return "maxrss", _ru_maxrss_bytes()
-
-
-def memory_peak(kind: str, device: torch.device) -> int:
-    if kind == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    if kind == "vmhwm":
-        return _proc_status_bytes("VmHWM") or 0
-    return _ru_maxrss_bytes()
-
-
-MEMORY_LABELS = {
-    "cuda": "peak memory, GiB (torch.cuda.max_memory_allocated; growth during the steps)",
-    "vmhwm": "peak RSS, GiB (VmHWM, reset per side; growth during the steps)",
-    "maxrss": "peak RSS, GiB (ru_maxrss, process lifetime; growth during the steps)",
-}
-
-
-def process_started_at() -> float | None:
-    """This process's start as time.time(), from /proc (Linux), or None."""
-    try:
-        with open("/proc/self/stat") as f:
-            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, counted after the command name
-        with open("/proc/uptime") as f:
-            uptime = float(f.read().split()[0])
-        return time.time() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return None
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The engine, with timing marks
@@ -475,19 +353,30 @@ class BenchResult:
     built_at: float = 0.0  # networks built
     first_step_at: float | None = None  # the first optimizer step (engine, warm-up)
     load_before: float | None = None  # the 1-minute load average when the benchmark began (other processes)
+    reference: list[SideRun] = field(default_factory=list)  # --compare: the reference codebase's steps
+    comparison: ComparisonInfo | None = None  # --compare: what the reference is
+    compare_skipped: str | None = None  # no comparison: the one line that says why
 
     @property
     def batch(self) -> int:
         return self.cfg.data.batch_size
 
+    def side_runs(self, side: str) -> list[SideRun]:
+        return {"engine": self.engine, "bare": self.bare, "reference": self.reference}[side]
+
     def step_s(self, side: str) -> float:
-        runs = self.engine if side == "engine" else self.bare
+        runs = self.side_runs(side)
         return sum(r.seconds for r in runs) / sum(r.steps for r in runs)
 
     @property
     def ratios(self) -> list[float]:
         """engine / bare step time of each repeat."""
-        return [e.step_s / b.step_s for e, b in zip(self.engine, self.bare, strict=True)]
+        return self.ratios_between("engine", "bare")
+
+    def ratios_between(self, side: str, other: str) -> list[float]:
+        """side / other step time of each repeat (the two ran in the same repeat, alternating)."""
+        pairs = zip(self.side_runs(side), self.side_runs(other), strict=True)
+        return [a.step_s / b.step_s for a, b in pairs]
 
     @property
     def ratio(self) -> float:
@@ -496,7 +385,7 @@ class BenchResult:
 
     def parts_ms(self, side: str) -> dict[str, float]:
         """ms per step of each part, the remainders included (see `breakdown_rows`)."""
-        runs = self.engine if side == "engine" else self.bare
+        runs = self.side_runs(side)
         steps = sum(r.steps for r in runs)
         total: defaultdict[str, float] = defaultdict(float)
         for r in runs:
@@ -506,7 +395,7 @@ class BenchResult:
 
     def runs(self, side: str) -> dict[str, int]:
         counts: Counter[str] = Counter()
-        for r in self.engine if side == "engine" else self.bare:
+        for r in self.side_runs(side):
             counts.update(r.runs)
         return dict(counts)
 
@@ -560,12 +449,18 @@ def run_bench_train(
     repeats: int = 3,
     device: str | None = None,
     callbacks: bool = False,
+    compare: str | None = None,
     progress: bool = True,
 ) -> BenchResult:
-    """Run the benchmark (see the module docstring); `progress` prints a line per repeat to stderr."""
+    """Run the benchmark (see the module docstring); `progress` prints a line per repeat to stderr. `compare` is
+    `--compare`'s value (`NAME=PATH`): a bad name, a recipe of another family or a path that is not such a checkout
+    is a ConfigError before any network is built."""
+    from pipeline.train.bench_compare import check_request, parse_compare
+
     for flag, value, least in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--repeats", repeats, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} {value} must be >= {least}")
+    request = parse_compare(compare)
     dev = resolve_device(device)
     load_before = None
     with contextlib.suppress(OSError, AttributeError):
@@ -582,8 +477,9 @@ def run_bench_train(
             "logger.wandb.project=null",
         ]
         cfg = load_config(recipe, [*overrides, *forced])
+        checkout = check_request(request, cfg) if request is not None and request.path is not None else None
         with _ops_impl(cfg.ops.impl):
-            result = _run(recipe, cfg, dev, steps, warmup, repeats, callbacks, progress)
+            result = _run(recipe, cfg, dev, steps, warmup, repeats, callbacks, progress, request, checkout)
     result.load_before = load_before
     return result
 
@@ -597,7 +493,11 @@ def _run(
     repeats: int,
     callbacks: bool,
     progress: bool,
+    request: CompareRequest | None = None,
+    checkout: Path | None = None,
 ) -> BenchResult:
+    from pipeline.train.bench_compare import build_reference, skip_line
+
     def say(message: str) -> None:
         if progress:
             print(message, file=sys.stderr, flush=True)
@@ -628,28 +528,61 @@ def _run(
     pool = synthetic_batches(task, POOL, device)
     n = result.steps
 
+    reference = None
+    if request is not None and checkout is not None:
+        t0 = time.perf_counter()
+        # Building the reference's networks draws their initial weights: from a forked RNG, so the engine's and
+        # the bare loop's latents are those of a run without --compare.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            reference = build_reference(request, checkout, task, pool[0])
+        per_call = reference.steps_per_call()
+        if n % per_call:
+            raise ConfigError(
+                f"{request.flag}: --steps {n} must be a multiple of loss.d_steps={per_call} (one call of the "
+                f"reference's step is {per_call} engine steps)"
+            )
+        result.comparison = reference.info
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in reference.info.check.items())
+        say(f"bench train: {request.name} reference built, max |ganpipe - reference| {diffs}: "
+            f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    else:
+        result.compare_skipped = skip_line(cfg.family, request)
+    sides = ["engine", "bare"] + (["reference"] if reference is not None else [])
+
+    def run_side(side: str, first: int, steps: int, timed: bool) -> None:
+        if side == "engine":
+            run = _engine_fit(task, pool, steps, timed, extra)
+        elif side == "bare":
+            run = _bare_steps(task, pool, first, steps, timed)
+        else:
+            assert reference is not None
+            per_call = reference.steps_per_call()
+            run = reference.run(pool, first, math.ceil(steps / per_call) * per_call, timed)
+        if timed:
+            assert run is not None
+            result.side_runs(side).append(run)
+
     if warmup:
         t0 = time.perf_counter()
         first = task.step_idx
-        _engine_fit(task, pool, warmup, False, extra)
-        _bare_steps(task, pool, first, warmup, False)
+        for side in sides:
+            run_side(side, first, warmup, False)
         say(f"bench train: warm-up, {warmup} steps per side: {time.perf_counter() - t0:.1f} s")
     for r in range(repeats):
         first = task.step_idx
-        for side in ("engine", "bare") if r % 2 == 0 else ("bare", "engine"):
-            if side == "engine":
-                run = _engine_fit(task, pool, n, True, extra)
-                assert run is not None
-                result.engine.append(run)
-            else:
-                run = _bare_steps(task, pool, first, n, True)
-                assert run is not None
-                result.bare.append(run)
+        for side in sides if r % 2 == 0 else sides[::-1]:
+            run_side(side, first, n, True)
         e, b = result.engine[-1], result.bare[-1]
-        say(
+        line = (
             f"bench train: repeat {r + 1}/{repeats}: engine {1000 * e.step_s:.1f} ms/step, bare "
             f"{1000 * b.step_s:.1f} ms/step, ratio {e.step_s / b.step_s:.3f}"
         )
+        if reference is not None:
+            ref = result.reference[-1]
+            line += f"; {reference.kind.name} {1000 * ref.step_s:.1f} ms/step, engine / {reference.kind.name} " + (
+                f"{e.step_s / ref.step_s:.3f}"
+            )
+        say(line)
     result.memory_kind = timer._memory[0]
     result.first_step_at = task.first_step_at
     return result
@@ -711,6 +644,50 @@ def _phase_words(phases: Sequence[Phase]) -> str:
     return ", ".join(parts)
 
 
+def _comparison_lines(res: BenchResult, info: ComparisonInfo, peak_label: str) -> list[str]:
+    """The --compare section: where the reference came from, what was timed, the check, its figures and ratios."""
+    from pipeline.train.bench_compare import MAX_ABS_DIFF
+
+    name, r_s = info.name, res.step_s("reference")
+    commit = f"commit {info.commit}" if info.commit else "commit unknown (not the top of a git work tree)"
+    check = ", ".join(f"{k} {v:.2g}" for k, v in info.check.items())
+    peak = max(res.reference, key=lambda r: r.peak_bytes)
+    lines = [
+        f"Side by side with {info.title} (`--compare {name}=PATH`):",
+        "",
+        f"- reference: {info.repository} at {commit}, imported from {info.checkout}",
+        f"- timed: {info.timed}; ops: {info.ops}",
+        f"- like-for-like check before timing ({info.check_words}): largest |ganpipe − reference| {check} (the limit "
+        f"is {MAX_ABS_DIFF:g})",
+    ]
+    if info.stand_ins:
+        lines.append(f"- inert stand-ins for modules it imports, a step does not use and are not installed: "
+                     f"{', '.join(info.stand_ins)}")  # fmt: skip
+    lines += [
+        "",
+        f"| | {name} | engine / {name} | bare / {name} |",
+        "| --- | ---: | ---: | ---: |",
+        f"| img/s | {res.batch / r_s:.1f} | | |",
+        f"| s/kimg | {1000 * r_s / res.batch:.2f} | | |",
+        f"| ms/step | {_ms(1000 * r_s)} | {res.step_s('engine') / r_s:.3f} | {res.step_s('bare') / r_s:.3f} |",
+        f"| {peak_label} | {_gib(peak.peak_bytes)} (+{_gib(max(peak.peak_bytes - peak.base_bytes, 0))}) | | |",
+        "",
+    ]
+    words = []
+    for side, label in (("engine", "engine"), ("bare", "bare loop")):
+        ratios = res.ratios_between(side, "reference")
+        median = statistics.median(ratios)
+        words.append(
+            f"{label} / {name} {median:.3f} (range {min(ratios):.3f}-{max(ratios):.3f}; {1 / median:.2f}x its img/s)"
+        )
+    lines += [
+        f"Whole steps against {name}, medians of {_count(res.repeats, 'alternating repeat')}: {words[0]}; "
+        f"{words[1]}. The ratios in the table are those of the mean step times.",
+        "",
+    ]
+    return lines
+
+
 def format_report(result: BenchResult) -> str:
     cfg, res = result.cfg, result
     n_total = sum(r.steps for r in res.engine)
@@ -760,25 +737,44 @@ def format_report(result: BenchResult) -> str:
         "above); the phases run the same objective code on both sides, and the spread over repeats shows how "
         "noisy the machine is.",
         "",
-        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |",
-        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    info = res.comparison
+    if info is not None:
+        lines += _comparison_lines(res, info, peak_label=MEMORY_LABELS.get(res.memory_kind, "peak memory, GiB"))
+    elif res.compare_skipped is not None:
+        lines += [res.compare_skipped, ""]
+    ref_column = info is not None and info.has_phases
+    ref_head = f" {info.name} |" if ref_column and info is not None else ""
+    lines += [
+        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |{ref_head}",
+        "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if ref_column else ""),
     ]
     engine_runs = res.runs("engine")
     bare_rows = dict(res.breakdown("bare"))
+    ref_rows = dict(res.breakdown("reference")) if ref_column else {}
     for name, e_ms in res.breakdown("engine"):
         b_ms = bare_rows[name]
         label = ROW_LABELS.get(name, name)
         runs = str(engine_runs.get(name, 0)) if name not in ("body_rest", "loop_rest") else ""
         diff = _signed(e_ms - b_ms) if e_ms is not None and b_ms is not None else ""
-        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |")
+        ref_cell = f" {_ms(ref_rows[name])} |" if ref_column else ""
+        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |{ref_cell}")
+    ref_step = f" **{_ms(1000 * res.step_s('reference'))}** |" if ref_column else ""
     lines.append(
         f"| **step** | {n_total} | **{_ms(1000 * e_s)}** | **{_ms(1000 * b_s)}** | {_signed(1000 * (e_s - b_s))} |"
+        + ref_step
     )
     lines += [
         "",
         "A phase is its latents, forward and backward (from drawing its latents to its optimizer step), averaged "
         "over all steps; `runs` counts how often a part ran. The two rest rows are what the marks leave: "
-        "training_step's (or the bare loop's) own code, and Lightning's loop with the loggers' writes.",
+        "training_step's (or the bare loop's) own code, and Lightning's loop with the loggers' writes."
+        + (
+            f" The {info.name} column times the reference's phases the same way (its `accumulate_gradients` calls "
+            "with the latents and trainable toggles around them; its nan_to_num and Adam steps under gradient sync)."
+            if ref_column and info is not None
+            else ""
+        ),
     ]
     uneven = [p for p in res.phases if res.steps % p.interval]
     if uneven:
