@@ -1,5 +1,5 @@
 """Evaluation: feature extractors, FID/KID/IS/precision-recall/CLIP score, class accuracy and intra-class FID of
-class-conditional generators, reference statistics, distributed.
+class-conditional generators, recognisable samples (conf) of any generator, reference statistics, distributed.
 
 Public API
     EvalConfig                      the `eval:` config section
@@ -9,7 +9,7 @@ Public API
     build_extractor, InceptionV3, SmallExtractor, random_inception_state_dict
     reference_features              cached reference statistics (`ganpipe eval stats`)
     class_reference_stats           cached per-class reference statistics (intra-class FID)
-    dataset_classifier              the cached classifier of a labelled dataset (class accuracy)
+    dataset_classifier              the cached classifier of a labelled dataset (class accuracy, conf)
     frechet_distance, kid, inception_score, precision_recall, clip_score, GaussianStats
     CLIPEncoder (pipeline.metrics.clip, imports transformers lazily)
 """

@@ -20,9 +20,19 @@ Result keys (what is logged and written to metrics.jsonl)
                            1 / number of classes
     ifidN[_full]           intra-class FID: for each class of `eval.classes` (empty = all), FID of N images
                            generated for it against its reals; the mean over those classes
+    confN                  recognisable samples: the fraction of generated images 0..N-1 whose top class under the
+                           same classifier has probability >= `pipeline.metrics.classifier.CONFIDENT` (0.9)
+    confN_reals            the same fraction of the classifier's held-out reals (measured when it was trained)
+    confN_spread           how evenly the confidently classified images spread over the classes: the entropy of
+                           their predicted-class histogram / ln(number of classes); 1 = even, 0 = all one class,
+                           NaN when none is confident (confN is 0 then)
+    confN_spread_reals     the same of the held-out reals
 `last_details` holds what does not fit one number per key, for the JSON record of `ganpipe eval`: per metric,
-acc's classifier (id, reals trained on and held out) and ifid's value and real count per class.
-acc and ifid need a class-conditional generator (one `ConfigError` line otherwise, before anything is drawn).
+acc's classifier (id, reals trained on and held out), ifid's value and real count per class, and conf's
+classifier, threshold and per-class counts of confident images (generated: `counts`, held-out reals:
+`counts_reals`; keyed by class index, with the manifest's `class_names` when it has them).
+acc and ifid need a class-conditional generator, and acc, ifid and conf a dataset with class labels (one
+`ConfigError` line naming the metrics otherwise, before anything is drawn). conf takes any generator.
 All ranks of a distributed job must call `evaluate` together; every rank returns the same numbers.
 """
 
@@ -39,7 +49,7 @@ import torch
 from pipeline.data import open_source
 from pipeline.errors import ConfigError
 from pipeline.export import open_networks
-from pipeline.metrics.classifier import TrainedClassifier, dataset_classifier
+from pipeline.metrics.classifier import CONFIDENT, TrainedClassifier, confidence, dataset_classifier
 from pipeline.metrics.config import EvalConfig
 from pipeline.metrics.extractors import FeatureExtractor, build_extractor
 from pipeline.metrics.features import Features, StopCheck, generated_features
@@ -51,11 +61,14 @@ from pipeline.storage import user_url
 
 log = logging.getLogger(__name__)
 
-LOWER_IS_BETTER = {"fid": True, "kid": True, "is": False, "clip_score": False, "acc": False, "ifid": True}
+LOWER_IS_BETTER = {
+    "fid": True, "kid": True, "is": False, "clip_score": False, "acc": False, "ifid": True, "conf": False
+}  # fmt: skip
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
-    """Whether `new` improves on `old` for `metric` (FID/KID/intra-class FID lower, IS/CLIP/accuracy higher)."""
+    """Whether `new` improves on `old` for `metric` (FID/KID/intra-class FID lower; IS/CLIP/accuracy and the share
+    of confidently classified samples higher)."""
     if old is None:
         return new == new  # NaN never counts as best
     return new < old if LOWER_IS_BETTER[parse_metric(metric).kind] else new > old
@@ -112,6 +125,7 @@ class Evaluator:
         self._classifier: TrainedClassifier | None = None
         self._refs: dict[tuple[int | None, bool], Features] = {}
         self._class_refs: dict[tuple[int | None, int], GaussianStats] = {}
+        self._class_names: list[str] | None = None  # the manifest's, once `check_labels` has read it
         self.last_cache_hits: list[bool] = []
         self.last_details: dict[str, dict[str, Any]] = {}
 
@@ -142,7 +156,8 @@ class Evaluator:
         return f
 
     def classifier(self, should_stop: StopCheck | None = None, who: str = "acc") -> TrainedClassifier:
-        """The dataset's classifier for `acc` (cached on disk and, once loaded, here)."""
+        """The dataset's classifier for `acc` and `conf` (cached on disk and, once loaded, here); `who` names the
+        metrics in errors."""
         if self._classifier is None:
             assert self.data_url is not None
             self._classifier, hit = dataset_classifier(
@@ -174,9 +189,24 @@ class Evaluator:
                 self._class_refs[(spec.num_real, k)] = st
         return {k: self._class_refs[(spec.num_real, k)] for k in classes}
 
+    def check_labels(self) -> None:
+        """acc, ifid and conf need a dataset with class labels: one `ConfigError` line naming the metrics and the
+        fix otherwise (a dataset without a manifest is checked when its shards are read). Keeps the manifest's
+        class names for `last_details`."""
+        names = ", ".join(s.name for s in self.specs if s.needs_labels)
+        assert self.data_url is not None
+        manifest = open_source(self.data_url).manifest
+        if manifest is not None and not manifest.has_labels:
+            raise ConfigError(
+                f"{names} need(s) class labels (.cls) but the dataset at {self.data_url!r} has none: write it with "
+                "`ganpipe data shards --layout classes`"
+            )
+        self._class_names = manifest.class_names if manifest is not None else None
+
     def check_classes(self, sampler: Sampler) -> list[int]:
         """acc and ifid need a class-conditional generator whose classes are the dataset's: one `ConfigError`
-        line naming the metrics and what is missing otherwise. Returns the classes ifid evaluates."""
+        line naming the metrics and what is missing otherwise (after `check_labels`). Returns the classes ifid
+        evaluates."""
         specs = [s for s in self.specs if s.needs_classes]
         names = ", ".join(s.name for s in specs)
         cond = sampler.conditioning
@@ -188,11 +218,6 @@ class Evaluator:
         num_classes = int(cond.num_classes)  # type: ignore[attr-defined]
         assert self.data_url is not None
         manifest = open_source(self.data_url).manifest
-        if manifest is not None and not manifest.has_labels:
-            raise ConfigError(
-                f"{names} need(s) class labels (.cls) but the dataset at {self.data_url!r} has none: write it with "
-                "`ganpipe data shards --layout classes`"
-            )
         if manifest is not None and manifest.num_classes != num_classes:
             raise ConfigError(
                 f"{names}: the generator has {num_classes} classes but the dataset at {self.data_url!r} has "
@@ -212,6 +237,8 @@ class Evaluator:
         the evaluation raises `Abandoned` once it is true (a stop signal: nothing half-computed is returned)."""
         t0 = time.perf_counter()
         self.last_details = {}
+        if any(s.needs_labels for s in self.specs):
+            self.check_labels()
         classes = self.check_classes(sampler) if any(s.needs_classes for s in self.specs) else []
         out: dict[str, float] = {}
         pooled = [s for s in self.specs if s.kind != "ifid"]  # share one pass of generated images
@@ -224,11 +251,13 @@ class Evaluator:
         return out
 
     def _pooled(self, sampler: Sampler, specs: list[MetricSpec], should_stop: StopCheck | None) -> dict[str, float]:
-        """Every metric but ifid, from one pass of generated images 0..max(N)-1."""
+        """Every metric but ifid, from one pass of generated images 0..max(N)-1 (acc and conf share its classifier
+        outputs: one forward pass per batch)."""
         acc_specs = [s for s in specs if s.kind == "acc"]
-        classifier = self.classifier(should_stop, ", ".join(s.name for s in acc_specs)) if acc_specs else None
+        classified = [s for s in specs if s.needs_classifier]
+        classifier = self.classifier(should_stop, ", ".join(s.name for s in classified)) if classified else None
         wanted = getattr(sampler.conditioning, "num_classes", None)
-        if classifier is not None and classifier.num_classes != wanted:
+        if acc_specs and classifier is not None and classifier.num_classes != wanted:
             # only data without a manifest gets here: `check_classes` compared the manifest's count
             raise ConfigError(
                 f"{acc_specs[0].name}: the generator has {wanted} classes but the labels in {self.data_url!r} go up "
@@ -239,7 +268,7 @@ class Evaluator:
             sampler, self.extractor if any(s.needs_extractor for s in specs) else None, num_gen,
             seed=self.cfg.seed, should_stop=should_stop, batch_size=self.cfg.batch_size,
             keep_logits=any(s.kind == "is" for s in specs),
-            classifier=classifier.predict if classifier is not None else None, device=self.device,
+            classifier=classifier.classify if classifier is not None else None, device=self.device,
             progress=self.progress,
         )  # fmt: skip
         out: dict[str, float] = {}
@@ -255,6 +284,10 @@ class Evaluator:
                     "num_train": classifier.num_train,
                     "num_heldout": classifier.num_heldout,
                 }
+                continue
+            if s.kind == "conf":
+                assert classifier is not None and gen.predictions is not None and gen.confidences is not None
+                out.update(self._conf(s, classifier, gen.predictions[: s.num_gen], gen.confidences[: s.num_gen]))
                 continue
             assert gen.features is not None
             g = gen.features[: s.num_gen]
@@ -273,6 +306,26 @@ class Evaluator:
                 assert gen.logits is not None
                 out[s.name], out[f"{s.name}_std"] = inception_score(gen.logits[: s.num_gen])
         return out
+
+    def _conf(
+        self, spec: MetricSpec, classifier: TrainedClassifier, top_class: torch.Tensor, top_prob: torch.Tensor
+    ) -> dict[str, float]:
+        """conf's four numbers for generated images' classifications (`top_class`, `top_prob`); its details."""
+        gen, reals = confidence(top_class, top_prob, classifier.num_classes), classifier.heldout_confidence
+        self.last_details[spec.name] = {
+            "classifier": classifier.classifier_id,
+            "threshold": CONFIDENT,
+            "num_heldout": reals.num,
+            "counts": {str(k): n for k, n in enumerate(gen.counts)},
+            "counts_reals": {str(k): n for k, n in enumerate(reals.counts)},
+            **({"class_names": list(self._class_names)} if self._class_names else {}),
+        }
+        return {
+            spec.name: gen.share,
+            f"{spec.name}_reals": reals.share,
+            f"{spec.name}_spread": gen.spread,
+            f"{spec.name}_spread_reals": reals.spread,
+        }
 
     def _intra_class(
         self, sampler: Sampler, specs: list[MetricSpec], classes: list[int], should_stop: StopCheck | None

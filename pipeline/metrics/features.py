@@ -136,8 +136,9 @@ class Features:
     stats: GaussianStats  # of 0-d features when no extractor ran (only `num` is meaningful then)
     features: Tensor | None = None  # [N, D] float32 (CPU), in index / key order
     logits: Tensor | None = None  # [N, classes] float32 (CPU), generated images only
-    labels: Tensor | None = None  # [N] int64 (CPU): the class each generated image was drawn for
+    labels: Tensor | None = None  # [N] int64 (CPU): the class each image was drawn for (class-conditional G only)
     predictions: Tensor | None = None  # [N] int64 (CPU): the class a classifier sees in each generated image
+    confidences: Tensor | None = None  # [N] float32 (CPU): the classifier's probability of that class
 
     @property
     def num(self) -> int:
@@ -231,7 +232,7 @@ def generated_features(
     batch_size: int = 64,
     keep_features: bool = True,
     keep_logits: bool = False,
-    classifier: Callable[[Tensor], Tensor] | None = None,
+    classifier: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     class_idx: int | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
@@ -241,14 +242,17 @@ def generated_features(
     (on every rank) once `should_stop()`, polled between batches, is true on any rank.
 
     `extractor=None` extracts nothing (0-d features: for metrics that only classify). `classifier` (uint8 images
-    -> int64 classes) fills `predictions`, and `labels` with the class each image was drawn for (a class-
-    conditional generator's). `class_idx` draws every image for that class (the sampler's `from_request`)
-    instead of the per-image class of `for_eval`; image i keeps its latent."""
+    -> (top class int64 [N], its probability [N]), e.g. `TrainedClassifier.classify`) runs once per batch and
+    fills `predictions` and `confidences`, and, for a class-conditional generator (conditioning kind "class"),
+    `labels` with the class each image was drawn for (None for any other generator). `class_idx` draws every
+    image for that class (the sampler's `from_request`) instead of the per-image class of `for_eval`; image i
+    keeps its latent."""
     rank, size = world()
     lo, hi = rank * num // size, (rank + 1) * num // size
     device = torch.device(device)
     dim = extractor.dim if extractor is not None else 0
-    feats, logits, labels, preds = [], [], [], []
+    feats, logits, labels, preds, probs = [], [], [], [], []
+    class_conditional = sampler.conditioning.kind == "class"
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
     stopped = False
     for start in range(lo, hi, batch_size):
@@ -267,8 +271,11 @@ def generated_features(
             if keep_logits:
                 logits.append(out["logits"].cpu())
         if classifier is not None:
-            labels.append(class_labels(c, sampler.conditioning.num_classes).cpu())
-            preds.append(classifier(images).cpu())
+            if class_conditional:
+                labels.append(class_labels(c, sampler.conditioning.num_classes).cpu())
+            top_class, top_prob = classifier(images)
+            preds.append(top_class.cpu())
+            probs.append(top_prob.float().cpu())
         bar.update(z.shape[0] * size)
     bar.close()
     _agree_on_stop(should_stop, stopped)
@@ -276,15 +283,17 @@ def generated_features(
         f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, dim)))
     else:  # nothing to gather: 0-d features of the right count
         f = torch.zeros((num, 0))
-    lg = lb = pr = None
+    lg = lb = pr = cf = None
     if keep_logits:
         classes = 1008 if not logits else logits[0].shape[1]
         lg = gather_rows(torch.cat(logits) if logits else torch.zeros((0, classes)))
     if classifier is not None:
-        lb = gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
+        if class_conditional:
+            lb = gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
         pr = gather_rows(torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long))
+        cf = gather_rows(torch.cat(probs) if probs else torch.zeros(0))
     assert f.shape[0] == num, f"gathered {f.shape[0]} generated features, expected {num}"
-    return Features(GaussianStats.of(f), f if keep_features and extractor is not None else None, lg, lb, pr)
+    return Features(GaussianStats.of(f), f if keep_features and extractor is not None else None, lg, lb, pr, cf)
 
 
 def real_class_stats(

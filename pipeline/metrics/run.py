@@ -1,11 +1,11 @@
-"""What `ganpipe eval` runs: metrics of a run dir / checkpoint / export, and reference statistics (and acc's
-classifier) ahead of time.
+"""What `ganpipe eval` runs: metrics of a run dir / checkpoint / export, and reference statistics (and the
+classifier of acc and conf) ahead of time.
 
 Job: resolve the generator, the dataset, the eval config (the run's own `eval:` section when the source is a
 checkpoint, defaults for an export, then the command line's choices) and call the `Evaluator`. Under `torchrun`
 (WORLD_SIZE > 1) it joins the process group itself (NCCL on GPUs, gloo on CPUs) and every rank extracts its
 share; rank 0 prints and writes. The JSON record holds `details` when a metric has more to say than its numbers
-(acc's classifier, ifid's per-class values).
+(acc's classifier, ifid's per-class values, conf's per-class counts of confidently classified images).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def evaluate_source(
         "extractor": evaluator.extractor_id,
         "results": results,
     }
-    if evaluator.last_details:  # acc's classifier, ifid's per-class values
+    if evaluator.last_details:  # acc's classifier, ifid's per-class values, conf's per-class counts
         record["details"] = evaluator.last_details
     if jsonl and rank == 0:
         with user_url("--jsonl", jsonl):
@@ -121,7 +121,7 @@ def build_stats(
 ) -> list[dict[str, Any]]:
     """Compute (or find) the cached reference statistics `metrics` will need for `data_url`: the reals' Gaussian
     (and features) for fid/kid/pr, each class's for ifid (`eval.classes`, empty = every class of the manifest) and
-    the classifier for acc."""
+    the classifier for acc and conf (with its held-out reals' confident share and spread)."""
     dev = init_distributed_from_env(device)
     cfg = _eval_config(None, {**(changes or {}), "metrics": metrics})
     cache_dir = cache_dir or default_cache_dir()
@@ -135,15 +135,17 @@ def build_stats(
     seen: set[tuple[int | None, bool]] = set()
     classifier_done = False
     for spec in sorted(specs, key=lambda s: not s.needs_real_features):
-        if spec.kind == "acc":
+        if spec.needs_classifier:
             if classifier_done:
-                continue  # one classifier serves every acc metric
+                continue  # one classifier serves every acc and conf metric
             classifier_done = True
             clf, hit = dataset_classifier(data_url, cache_url=cache_url, resolution=resolution,
                                           batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=dev,
                                           who=spec.name)  # fmt: skip
             done.append({"metric": spec.name, "classifier": clf.classifier_id, "num_train": clf.num_train,
-                         "heldout_accuracy": clf.heldout_accuracy, "cache_hit": hit})  # fmt: skip
+                         "heldout_accuracy": clf.heldout_accuracy,
+                         "heldout_confident": clf.heldout_confidence.share,
+                         "heldout_confident_spread": clf.heldout_confidence.spread, "cache_hit": hit})  # fmt: skip
             continue
         assert extractor is not None
         if spec.kind == "ifid":

@@ -115,3 +115,31 @@ def test_class_metrics_of_a_class_conditional_run(make_config, tmp_path, capsys,
                  "--no-progress"]) == 0  # fmt: skip
     record = json.loads(capsys.readouterr().out)
     assert record["extractor"] is None and calls == [1]  # acc alone: no feature extractor (no Inception weights)
+
+
+def test_conf_of_an_unconditional_run(make_config, tmp_path, capsys, monkeypatch) -> None:
+    import pipeline.metrics.classifier as classifier_module
+    from pipeline.data import KINDS, synthetic_dataset_url
+    from pipeline.metrics.classifier import ClassifierRecipe
+
+    monkeypatch.setattr(classifier_module, "DEFAULT_RECIPE", ClassifierRecipe(steps=20))  # plumbing, not quality
+    cfg = make_config("train.total_kimg=0.008")  # StyleGAN2 without classes, on the labelled synthetic set
+    train(cfg)
+    capsys.readouterr()
+    data = synthetic_dataset_url(cfg.data.resolved_cache_dir(), cfg.data.synth.n, 16, cfg.data.synth.seed)
+    common = ["--cache", str(tmp_path / "evalcache"), "--no-progress"]
+
+    assert main(["eval", "stats", data, "--metrics", "conf64", *common]) == 0  # the classifier, ahead
+    (stats,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert stats["metric"] == "conf64" and stats["cache_hit"] is False
+    assert 0 <= stats["heldout_confident"] <= 1
+
+    assert main(["eval", cfg.run_dir, "--metrics", "conf64", *common]) == 0  # the run's own data
+    record = json.loads(capsys.readouterr().out)
+    results, details = record["results"], record["details"]["conf64"]
+    assert list(results) == ["conf64", "conf64_reals", "conf64_spread", "conf64_spread_reals"]
+    assert record["data"] == data and record["extractor"] is None  # no feature extractor loaded
+    assert details["classifier"] == stats["classifier"] and details["class_names"] == list(KINDS)
+    assert results["conf64"] == sum(details["counts"].values()) / 64
+    assert results["conf64_reals"] == stats["heldout_confident"]
+    assert results["conf64_reals"] == sum(details["counts_reals"].values()) / details["num_heldout"]

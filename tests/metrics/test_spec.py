@@ -22,6 +22,8 @@ from pipeline.metrics.spec import parse_metric
         ("ifid5k", "ifid", 5000, 5000, 3),
         ("ifid5k_full", "ifid", 5000, None, 3),
         ("ifid50", "ifid", 50, 50, 3),
+        ("conf10k", "conf", 10000, 0, 3),
+        ("conf500", "conf", 500, 0, 3),
     ],
 )
 def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | None, nn: int) -> None:
@@ -32,7 +34,7 @@ def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | No
 @pytest.mark.parametrize(
     "name",
     ["fid", "fdi50k", "fid0", "is50k_full", "fid50k3", "clip_score30k_full", "FID50k", "acc1k_full", "acc10k3",
-     "ifid1", "ifid5k3_full", "iifid5k", "acc"],
+     "ifid1", "ifid5k3_full", "iifid5k", "acc", "conf1k_full", "conf10k3", "conf", "conf0"],
 )  # fmt: skip
 def test_bad_names_say_what_is_valid(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -40,9 +42,9 @@ def test_bad_names_say_what_is_valid(name: str) -> None:
 
 
 def test_the_unknown_name_error_lists_every_kind() -> None:
-    with pytest.raises(ConfigError, match="fid, kid, is, pr, clip_score, acc, ifid") as e:
+    with pytest.raises(ConfigError, match="fid, kid, is, pr, clip_score, acc, ifid, conf") as e:
         parse_metric("accuracy1k")
-    assert "acc10k" in str(e.value) and "ifid5k_full" in str(e.value)
+    assert "acc10k" in str(e.value) and "ifid5k_full" in str(e.value) and "conf10k" in str(e.value)
 
 
 def test_what_each_kind_needs() -> None:
@@ -50,3 +52,8 @@ def test_what_each_kind_needs() -> None:
     assert acc.needs_reals and acc.needs_classes and not acc.needs_extractor  # reals train the classifier
     assert ifid.needs_reals and ifid.needs_classes and ifid.needs_extractor and not ifid.needs_real_features
     assert not fid.needs_classes
+    conf = parse_metric("conf1k")  # the classifier and its held-out reals; any generator
+    assert conf.needs_reals and conf.needs_labels and conf.needs_classifier and not conf.needs_classes
+    assert not conf.needs_extractor and not conf.needs_real_features
+    assert acc.needs_labels and acc.needs_classifier and ifid.needs_labels and not ifid.needs_classifier
+    assert not fid.needs_labels and not fid.needs_classifier

@@ -98,3 +98,29 @@ def test_class_metrics_during_training_keep_the_most_accurate_checkpoint(make_co
     with open(f"{cfg.run_dir}/checkpoints/best-acc32.json") as fh:
         best = json.load(fh)
     assert best["value"] == max(r["results"]["acc32"] for r in records)  # higher is better
+
+
+def test_conf_during_training_of_an_unconditional_generator(make_config, monkeypatch) -> None:
+    import pipeline.metrics.classifier as classifier_module
+    from pipeline.metrics.classifier import ClassifierRecipe
+
+    monkeypatch.setattr(classifier_module, "DEFAULT_RECIPE", ClassifierRecipe(steps=20))  # plumbing, not quality
+    cfg = make_config(
+        "train.total_kimg=0.032",
+        "eval.metrics=[conf32]",
+        "eval.every_kimg=0.016",
+        "eval.batch_size=16",
+        "eval.best_metric=conf32",
+    )
+    assert cfg.model.c_dim == 0  # unconditional: conf needs only the dataset's labels
+    train(cfg)
+    records = _records(cfg.run_dir)
+    assert [r["cur_nimg"] for r in records] == [16, 32]
+    for r in records:
+        assert list(r["results"]) == ["conf32", "conf32_reals", "conf32_spread", "conf32_spread_reals"]
+        assert 0 <= r["results"]["conf32"] <= 1 and r["extractor"] is None
+    assert len({r["results"]["conf32_reals"] for r in records}) == 1  # one classifier for the whole run
+    with open(f"{cfg.run_dir}/checkpoints/best-conf32.json") as fh:
+        best = json.load(fh)
+    shares = [r["results"]["conf32"] for r in records]
+    assert best["value"] == max(shares) and best["kimg"] == records[shares.index(max(shares))]["kimg"]
