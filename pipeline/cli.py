@@ -59,7 +59,12 @@ def _cmd_data_synth(args: argparse.Namespace) -> None:
     from pipeline.data import write_synthetic_dataset
 
     manifest = write_synthetic_dataset(
-        args.out, n=args.n, resolution=args.resolution, seed=args.seed, samples_per_shard=args.samples_per_shard
+        args.out,
+        n=args.n,
+        resolution=args.resolution,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        layout=args.layout,
     )
     print(f"wrote {manifest.num_samples} images in {len(manifest.shards)} shards to {args.out}")
 
@@ -462,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolution", type=int, default=32)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--samples-per-shard", type=int, default=1000)
+    s.add_argument("--layout", choices=["grid", "centred"], default="grid",  # pipeline.data.synth.LAYOUTS
+                   help="grid: small or large shapes at 3x3 places; centred: large shapes at the centre")  # fmt: skip
     s.set_defaults(func=_cmd_data_synth)
     s = data_sub.add_parser("shards", help="write images (folder, classes, captions, nvlabs-zip) as WebDataset shards")
     s.add_argument("src", help="source folder, caption table (.csv/.tsv/.parquet) or dataset_tool zip (any fsspec URL)")

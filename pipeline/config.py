@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.augment.config import AugmentConfig
 from pipeline.data.stream import StreamOptions
+from pipeline.data.synth import LAYOUTS
 from pipeline.errors import ConfigError, require
 from pipeline.families import get_family
 from pipeline.metrics.config import EvalConfig
@@ -45,9 +46,11 @@ class SynthConfig:
 
     n: int = 2000
     seed: int = 0
+    layout: str = "grid"  # grid: small or large shapes at 3x3 places; centred: large shapes at the centre
 
     def validate(self, prefix: str) -> None:
         require(self.n > 0, f"{prefix}.n", self.n, "must be a positive number of images")
+        require(self.layout in LAYOUTS, f"{prefix}.layout", self.layout, f"must be one of {', '.join(LAYOUTS)}")
 
 
 @dataclass

@@ -66,3 +66,15 @@ def test_data_synth_writes_shards_and_manifest(tmp_path: Path) -> None:
         "shard-000001.tar",
         "shard-000002.tar",
     ]
+
+
+def test_data_synth_centred_layout(tmp_path: Path) -> None:
+    from pipeline.data import ShardDataset
+    from pipeline.data.synth import LAYOUTS
+
+    proc = run("data", "synth", "--out", str(tmp_path / "ds"), "--n", "6", "--resolution", "16", "--layout", "centred")
+    assert proc.returncode == 0, proc.stderr
+    captions = [ShardDataset(str(tmp_path / "ds"))[i]["caption"] for i in range(6)]
+    assert all(c.startswith("a large ") and " at the center on a " in c for c in captions), captions
+    help_text = run("data", "synth", "--help").stdout
+    assert "{" + ",".join(LAYOUTS) + "}" in help_text  # the CLI offers exactly the dataset's layouts

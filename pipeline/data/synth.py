@@ -1,12 +1,17 @@
 """The built-in synthetic dataset: one procedurally drawn shape per image, with a class label and a caption.
 
-Each image shows one shape (`KINDS`: circle, square, triangle, diamond, cross, ring) of one named colour, small
-(about a third of the image) or large (about 55-65%), in one of 3x3 grid positions with a little jitter, on a
-solid background of another named colour with a gentle linear gradient. The label is the shape kind's index in
-`KINDS`; the caption says everything drawn, e.g. "a small red circle at the top left on a blue background".
+Each image shows one shape (`KINDS`: circle, square, triangle, diamond, cross, ring) of one named colour on a
+solid background of another named colour with a gentle linear gradient. Where the shape sits is the `layout`:
+- "grid" (the default): small (about a third of the image) or large (about 55-65%), in one of 3x3 grid positions
+  with a little jitter;
+- "centred": always large, at the centre with the same jitter. Sample i has the same kind, colours, gradient and
+  label in both layouts; only its size and place differ. One placement to learn instead of 18 makes it a simpler
+  set for short CPU runs.
+The label is the shape kind's index in `KINDS`; the caption says everything drawn, e.g. "a small red circle at
+the top left on a blue background".
 
 Contract:
-- Sample i depends only on (seed, i, resolution), never on sharding or on how many samples are written:
+- Sample i depends only on (seed, i, resolution, layout), never on sharding or on how many samples are written:
   it is drawn from `np.random.default_rng([seed, i])`, and the shards of equal inputs are byte-identical.
 - Shapes are antialiased by coverage: the shape mask is drawn at 4x and box-filtered down, then blended,
   so pixels fully inside a shape have exactly the palette colour.
@@ -31,6 +36,7 @@ from PIL import Image, ImageDraw
 from pipeline.data.shards import MANIFEST_NAME, Manifest, ShardWriter, read_manifest
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross", "ring")
+LAYOUTS: tuple[str, ...] = ("grid", "centred")
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
     "green": (40, 170, 70),
@@ -83,10 +89,12 @@ class ShapeSpec:
         return f"a {self.size} {self.color} {self.kind} at the {self.position} on a {self.background} background"
 
 
-def sample_spec(seed: int, index: int) -> ShapeSpec:
+def sample_spec(seed: int, index: int, layout: str = "grid") -> ShapeSpec:
     """The attributes of sample `index` (independent of resolution, so a dataset is the same at any size)."""
     if seed < 0 or index < 0:
         raise ValueError(f"seed={seed} and index={index} must be non-negative")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
     rng = np.random.default_rng([seed, index])
     kind = KINDS[rng.integers(len(KINDS))]
     background = BACKGROUND_COLORS[rng.integers(len(BACKGROUND_COLORS))]
@@ -94,8 +102,13 @@ def sample_spec(seed: int, index: int) -> ShapeSpec:
     allowed = [c for c in SHAPE_COLORS if np.linalg.norm(np.array(PALETTE[c]) - bg) >= MIN_CONTRAST]
     color = allowed[rng.integers(len(allowed))]
     size = ("small", "large")[rng.integers(2)]
+    # Every layout draws the same numbers in the same order, so the other attributes agree across layouts.
     extent = float(rng.uniform(*SIZES[size]))
+    if layout == "centred":
+        size, extent = "large", float(np.interp(extent, SIZES[size], SIZES["large"]))
     row, col = (int(v) for v in rng.integers(3, size=2))
+    if layout == "centred":
+        row, col = 1, 1
     span = 1 - 2 * MARGIN - extent  # room the centre has to move across the image
     jitter = rng.uniform(-JITTER, JITTER, size=2)
     cx = MARGIN + extent / 2 + col * span / 2 + jitter[0]
@@ -150,9 +163,9 @@ def render(spec: ShapeSpec, resolution: int) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
-def synthetic_sample(seed: int, index: int, resolution: int) -> tuple[np.ndarray, ShapeSpec]:
+def synthetic_sample(seed: int, index: int, resolution: int, layout: str = "grid") -> tuple[np.ndarray, ShapeSpec]:
     """Sample `index` of the synthetic dataset with `seed`: ([H, W, 3] uint8 image, its attributes)."""
-    spec = sample_spec(seed, index)
+    spec = sample_spec(seed, index, layout)
     return render(spec, resolution), spec
 
 
@@ -164,13 +177,15 @@ def encode_png(image: np.ndarray) -> bytes:
 
 
 def write_synthetic_dataset(
-    out_url: str, n: int, resolution: int, seed: int = 0, samples_per_shard: int = 1000
+    out_url: str, n: int, resolution: int, seed: int = 0, samples_per_shard: int = 1000, layout: str = "grid"
 ) -> Manifest:
     """Write n synthetic samples as shards + manifest to `out_url` (any fsspec URL); returns the manifest."""
     if n <= 0:
         raise ValueError(f"n={n} must be positive")
     if resolution < 4:
         raise ValueError(f"resolution={resolution} must be at least 4")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
     with ShardWriter(
         out_url,
         resolution=resolution,
@@ -181,21 +196,22 @@ def write_synthetic_dataset(
         samples_per_shard=samples_per_shard,
     ) as writer:
         for i in range(n):
-            image, spec = synthetic_sample(seed, i, resolution)
+            image, spec = synthetic_sample(seed, i, resolution, layout)
             writer.write(f"{i:09d}", encode_png(image), label=spec.label, caption=spec.caption)
     return writer.close()
 
 
-def synthetic_dataset_url(cache_dir: str, n: int, resolution: int, seed: int) -> str:
-    return f"{cache_dir.rstrip('/')}/synth/r{resolution}-n{n}-s{seed}"
+def synthetic_dataset_url(cache_dir: str, n: int, resolution: int, seed: int, layout: str = "grid") -> str:
+    suffix = "" if layout == "grid" else f"-{layout}"  # the grid layout keeps the cache folders made before layouts
+    return f"{cache_dir.rstrip('/')}/synth/r{resolution}-n{n}-s{seed}{suffix}"
 
 
-def _write_and_rename_into_place(path: str, n: int, resolution: int, seed: int) -> None:
+def _write_and_rename_into_place(path: str, n: int, resolution: int, seed: int, layout: str) -> None:
     """Write the dataset to a temporary folder and rename it to `path`, unless a complete copy got there first."""
     manifest = f"{path}/{MANIFEST_NAME}"
     tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_synthetic_dataset(tmp, n, resolution, seed)
+        write_synthetic_dataset(tmp, n, resolution, seed, layout=layout)
         for _ in range(3):
             try:
                 os.rename(tmp, path)  # atomic; fails if a folder is already there
@@ -219,7 +235,7 @@ def _write_and_rename_into_place(path: str, n: int, resolution: int, seed: int) 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_synthetic_dataset(cache_dir: str, n: int, resolution: int, seed: int) -> str:
+def ensure_synthetic_dataset(cache_dir: str, n: int, resolution: int, seed: int, layout: str = "grid") -> str:
     """The URL of the cached synthetic dataset for these arguments, written on first use.
 
     On a local disk the dataset is written to a temporary folder and renamed into place, so concurrent callers
@@ -227,19 +243,19 @@ def ensure_synthetic_dataset(cache_dir: str, n: int, resolution: int, seed: int)
     folder rename) it is written in place: every shard is itself written atomically, the manifest comes last
     and marks completion, and racing writers write byte-identical files.
     """
-    url = synthetic_dataset_url(cache_dir, n, resolution, seed)
+    url = synthetic_dataset_url(cache_dir, n, resolution, seed, layout)
     fs, path = fsspec.core.url_to_fs(url)
     manifest = f"{path}/{MANIFEST_NAME}"
     if fs.exists(manifest):
         return url
     if not isinstance(fs, LocalFileSystem):
-        write_synthetic_dataset(url, n, resolution, seed)
+        write_synthetic_dataset(url, n, resolution, seed, layout=layout)
         return url
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # A racing caller may briefly move a complete folder aside (below); the next attempt then finds it back.
     for _ in range(3):
         if os.path.exists(manifest):
             break
-        _write_and_rename_into_place(path, n, resolution, seed)
+        _write_and_rename_into_place(path, n, resolution, seed, layout)
     read_manifest(url)  # fail here, naming the URL, rather than later in the loader
     return url

@@ -84,8 +84,13 @@ def evaluate_source(
         data_url = data.get("url")
         if data_url is None and data:  # trained on the built-in synthetic set: evaluate against the same set
             synth = data.get("synth", {})
-            data_url = ensure_synthetic_dataset(cache_dir, n=synth.get("n", 2000), resolution=info.resolution,
-                                                seed=synth.get("seed", 0))  # fmt: skip
+            data_url = ensure_synthetic_dataset(
+                cache_dir,
+                n=synth.get("n", 2000),
+                resolution=info.resolution,
+                seed=synth.get("seed", 0),
+                layout=synth.get("layout", "grid"),
+            )
         if data_url is None:
             raise ConfigError(f"{source!r} does not say which data it was trained on: pass --data DATA_URL")
     rank = dist.get_rank() if dist.is_initialized() else 0

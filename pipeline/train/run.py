@@ -72,7 +72,9 @@ def dataset_url(cfg: Config) -> str:
     Path(cache).mkdir(parents=True, exist_ok=True)
     # Every rank of a job gets here at once; one writes the dataset while the others wait, then reuse it.
     with FileLock(os.path.join(cache, ".synthetic.lock")):
-        return ensure_synthetic_dataset(cache, n=d.synth.n, resolution=d.resolution, seed=d.synth.seed)
+        return ensure_synthetic_dataset(
+            cache, n=d.synth.n, resolution=d.resolution, seed=d.synth.seed, layout=d.synth.layout
+        )
 
 
 def check_dataset_fits(cfg: Config, url: str) -> None:

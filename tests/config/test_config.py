@@ -38,6 +38,7 @@ def test_overrides_win_and_are_typed() -> None:
         ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0"),
         ("data.crop=left", "data.crop"),
         ("data.retries=0", "data.retries"),
+        ("data.synth.layout=diagonal", "data.synth.layout='diagonal' is invalid: must be one of grid, centred"),
         ("data.block_size=16", "data.block_size"),
     ],
 )

@@ -88,10 +88,11 @@ def _check_axis(word: str, low: str, high: str, c: float) -> None:
         assert abs(c - 0.5) < 0.1, (word, c)
 
 
+@pytest.mark.parametrize("layout", ["grid", "centred"])
 @pytest.mark.parametrize("index", range(48))
-def test_caption_and_label_describe_the_pixels(index: int) -> None:
+def test_caption_and_label_describe_the_pixels(index: int, layout: str) -> None:
     res = 64
-    image, spec = synthetic_sample(7, index, res)
+    image, spec = synthetic_sample(7, index, res, layout)
     m = CAPTION_RE.match(spec.caption)
     assert m, spec.caption
     size, color, kind, position, background = m.groups()
@@ -112,6 +113,8 @@ def test_caption_and_label_describe_the_pixels(index: int) -> None:
     _check_axis(horizontal, "left", "right", cx)
     width = (xs.max() - xs.min() + 1) / res
     assert width <= 0.41 if size == "small" else width >= 0.44
+    if layout == "centred":
+        assert size == "large" and position == "center"
     if kind != "ring":  # the caption's colour is drawn exactly at the shape's centre
         assert _nearest(image[int(cy * res), int(cx * res)], list(PALETTE)) == color
     # The image corner farthest from the shape shows the caption's background colour.
@@ -126,6 +129,22 @@ def test_attribute_coverage() -> None:
     assert {s.size for s in specs} == {"small", "large"}
     assert {(s.row, s.col) for s in specs} == {(r, c) for r in range(3) for c in range(3)}
     assert len({s.color for s in specs}) >= 6 and len({s.background for s in specs}) >= 5
+
+
+def test_centred_layout_moves_and_enlarges_the_same_shapes(tmp_path: Path) -> None:
+    for i in range(200):
+        grid, centred = synthetic_sample(0, i, 8)[1], synthetic_sample(0, i, 8, "centred")[1]
+        same = ("kind", "color", "background", "gradient")
+        assert [getattr(centred, k) for k in same] == [getattr(grid, k) for k in same]
+        assert centred.size == "large" and (centred.row, centred.col) == (1, 1)
+    assert {synthetic_sample(0, i, 8, "centred")[1].kind for i in range(100)} == set(KINDS)
+    # Its own cache folder: the grid layout's folder name is the one made before layouts existed.
+    grid_url = ensure_synthetic_dataset(str(tmp_path), n=6, resolution=8, seed=0)
+    centred_url = ensure_synthetic_dataset(str(tmp_path), n=6, resolution=8, seed=0, layout="centred")
+    assert grid_url.endswith("/synth/r8-n6-s0") and centred_url.endswith("/synth/r8-n6-s0-centred")
+    assert _items(grid_url) != _items(centred_url)
+    with pytest.raises(ValueError, match="layout='diagonal' is unknown: use one of grid, centred"):
+        synthetic_sample(0, 0, 8, "diagonal")
 
 
 def test_works_on_any_fsspec_url() -> None:
