@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -128,6 +128,23 @@ def _channels(resolution: int, channel_base: int, channel_max: int) -> int:
 # Generator
 
 
+class MappingSpec(Protocol):
+    num_layers: int
+    lr_multiplier: float
+    w_avg_beta: float | None
+
+
+class GeneratorDims(Protocol):
+    """What a generator config tells its mapping network (StyleGAN2Config, StyleGAN3Config)."""
+
+    z_dim: int
+    c_dim: int
+    w_dim: int
+
+    @property
+    def mapping(self) -> MappingSpec: ...
+
+
 class MappingNetwork(nn.Module):
     """z (and class c) -> w. With `num_ws`, w is broadcast to [N, num_ws, w_dim]; `w_avg` tracks E[w]."""
 
@@ -157,6 +174,13 @@ class MappingNetwork(nn.Module):
             setattr(self, f"fc{idx}", layer)
         if num_ws is not None and w_avg_beta is not None:
             self.register_buffer("w_avg", torch.zeros([w_dim]))
+
+    @classmethod
+    def from_config(cls, cfg: GeneratorDims, num_ws: int) -> MappingNetwork:
+        """The mapping network of a generator config (StyleGAN2's or StyleGAN3's), broadcasting to `num_ws`."""
+        m = cfg.mapping
+        return cls(cfg.z_dim, cfg.c_dim, cfg.w_dim, num_ws=num_ws, num_layers=m.num_layers,
+                   lr_multiplier=m.lr_multiplier, w_avg_beta=m.w_avg_beta)  # fmt: skip
 
     def forward(
         self,
@@ -430,16 +454,7 @@ class Generator(nn.Module):
             num_fp16_res=s.num_fp16_res,
         )
         self.num_ws = self.synthesis.num_ws
-        m = cfg.mapping
-        self.mapping = MappingNetwork(
-            cfg.z_dim,
-            cfg.c_dim,
-            cfg.w_dim,
-            num_ws=self.num_ws,
-            num_layers=m.num_layers,
-            lr_multiplier=m.lr_multiplier,
-            w_avg_beta=m.w_avg_beta,
-        )
+        self.mapping = MappingNetwork.from_config(cfg, self.num_ws)
 
     def forward(
         self,

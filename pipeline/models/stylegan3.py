@@ -564,16 +564,7 @@ class Generator(nn.Module):
             cfg.w_dim, img_resolution, cfg.img_channels, cfg.synthesis, magnitude_ema_beta=magnitude_ema_beta
         )
         self.num_ws = self.synthesis.num_ws
-        m = cfg.mapping
-        self.mapping = MappingNetwork(
-            cfg.z_dim,
-            cfg.c_dim,
-            cfg.w_dim,
-            num_ws=self.num_ws,
-            num_layers=m.num_layers,
-            lr_multiplier=m.lr_multiplier,
-            w_avg_beta=m.w_avg_beta,
-        )
+        self.mapping = MappingNetwork.from_config(cfg, self.num_ws)
 
     def forward(
         self,
