@@ -123,10 +123,12 @@ def test_conf_of_an_unconditional_run(make_config, tmp_path, capsys, monkeypatch
     from pipeline.metrics.classifier import ClassifierRecipe
 
     monkeypatch.setattr(classifier_module, "DEFAULT_RECIPE", ClassifierRecipe(steps=20))  # plumbing, not quality
-    cfg = make_config("train.total_kimg=0.008")  # StyleGAN2 without classes, on the labelled synthetic set
+    # StyleGAN2 without classes on the labelled synthetic set, in its centred layout: eval finds that layout's set
+    cfg = make_config("train.total_kimg=0.008", "data.synth.layout=centred")
     train(cfg)
     capsys.readouterr()
-    data = synthetic_dataset_url(cfg.data.resolved_cache_dir(), cfg.data.synth.n, 16, cfg.data.synth.seed)
+    cache, synth = cfg.data.resolved_cache_dir(), cfg.data.synth
+    data = synthetic_dataset_url(cache, synth.n, 16, synth.seed, layout="centred")
     common = ["--cache", str(tmp_path / "evalcache"), "--no-progress"]
 
     assert main(["eval", "stats", data, "--metrics", "conf64", *common]) == 0  # the classifier, ahead
