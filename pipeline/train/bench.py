@@ -279,7 +279,6 @@ def _bare_steps(
     for name, module in task.named_modules():
         module.training = task.train_modes.get(name, module.training)
     optimizers = dict(zip(task.net_names, task.bench_optimizers, strict=True))
-    trainable = {name: [p for p in task.net(name).parameters() if p.requires_grad] for name in task.net_names}
     nets, objective, cond = task.networks(), task.objective, task.conditioning
     ema_kimg = t.ema_kimg if t.ema_kimg is not None else cfg.data.batch_size * 10 / 32
     autocast = t.precision == "bf16-mixed"
@@ -302,9 +301,7 @@ def _bare_steps(
                 timer.begin(phase.name)
                 gen_z = torch.randn([n, task.z_dim], device=device)
                 gen_c = cond.for_fakes(real_c)
-                for name, params in trainable.items():
-                    for p in params:
-                        p.requires_grad_(name in phase.nets)
+                task._train_only(phase.nets)
                 opts = [optimizers[name] for name in phase.nets]
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
@@ -321,9 +318,7 @@ def _bare_steps(
                     for opt in opts:
                         opt.step()
                 g_stepped = g_stepped or "G" in phase.nets
-            for params in trainable.values():
-                for p in params:
-                    p.requires_grad_(True)
+            task._train_only(tuple(task.net_names))
             if g_stepped:
                 with timer.part(EMA):
                     beta = ema_beta(n, ema_kimg, t.ema_rampup, max(task.cur_nimg, n))
