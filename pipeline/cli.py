@@ -261,6 +261,15 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         urls = gen.write_frames(frames, args.outdir)
         print(f"wrote {len(urls)} interpolation frames ({space}) to {args.outdir}")
         return
+    if getattr(args, "motion", None) is not None:
+        if not args.outdir:
+            raise SamplingError("--motion writes one PNG per frame: add --outdir DIR")
+        seeds = gen.parse_seeds(args.seeds if args.seeds is not None else "0")
+        if len(seeds) != 1:
+            raise SamplingError(f"--motion moves one image: give one seed, e.g. --seeds {seeds[0]}")
+        urls = gen.write_frames(sampler.motion_frames(seeds[0], args.motion, request, options), args.outdir)
+        print(f"wrote {len(urls)} frames of seed {seeds[0]} moving to {args.outdir}")
+        return
     if getattr(args, "classes", None) is not None:
         if request.class_idx is not None:
             raise SamplingError("--classes draws one row per class: drop --class")
@@ -357,6 +366,13 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
         p.add_argument(
             "--style-layers", default="0-6", help="with --style-mix: the styles (w indices) taken from the column seed"
         )
+    if any(s.can_move for s in samplers):
+        p.add_argument(
+            "--motion",
+            type=int,
+            metavar="N",
+            help="StyleGAN3: N frames of one seed moving from no move to --translate/--rotate (needs --outdir)",
+        )
     p.add_argument(
         "--interpolate", metavar="SEEDS", help="frames from seed to seed, e.g. 0,5,9 (one PNG per frame in --outdir)"
     )
@@ -376,13 +392,15 @@ def generate_parser(sampler: Any = None, conditioning: Any = None, family: str =
     if sampler is not None:
         request_flags = {"--class", "--classes", "--per-class", "--prompt"}
         theirs = {doc.flag for cls in everyone for doc in option_docs(cls.Options).values()} | request_flags
-        theirs |= {"--style-mix", "--style-layers", "--device"}
+        theirs |= {"--style-mix", "--style-layers", "--motion", "--device"}
         ours = {a for action in p._actions for a in action.option_strings}
         kind = {"none": "unconditional", "class": "class-conditional", "text": "text-conditional"}
         this = f"this {family} generator is {kind.get(conditioning.kind, conditioning.kind)}"
         families = {doc.flag for doc in option_docs(sampler.Options).values()} | {"--device"}
         if get_family(family).sampler.can_style_mix:
             families |= {"--style-mix", "--style-layers"}
+        if get_family(family).sampler.can_move:
+            families |= {"--motion"}
         p.unavailable = {}
         for flag in sorted(theirs - ours):
             if flag in request_flags:

@@ -34,7 +34,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"nn", "ops", "errors"},
     "objectives": {"models", "nn", "ops", "augment", "errors"},
     "families": {"models", "objectives", "augment", "nn", "ops", "schema", "errors"},
-    "metrics": {"data", "models", "export", "imaging", "storage", "checkpoint", "errors", "families", "schema"},
+    "metrics": {"data", "models", "export", "imaging", "storage", "checkpoint", "errors", "families", "schema", "ops"},
     "config": {"families", "schema", "errors", "augment", "data", "metrics"},
     "export": {"families", "models", "checkpoint", "storage", "schema", "imaging", "errors"},
     "train": {"config", "families", "models", "objectives", "augment", "data", "export", "metrics", "checkpoint",

@@ -1,5 +1,6 @@
 """Evaluation: feature extractors, FID/KID/IS/precision-recall/CLIP score, class accuracy and intra-class FID of
-class-conditional generators, recognisable samples (conf) of any generator, reference statistics, distributed.
+class-conditional generators, recognisable samples (conf) of any generator, NVIDIA's equivariance metrics
+(EQ-T, EQ-T_frac, EQ-R) of generators with an input transform, reference statistics, distributed.
 
 Public API
     EvalConfig                      the `eval:` config section
@@ -10,6 +11,7 @@ Public API
     reference_features              cached reference statistics (`ganpipe eval stats`)
     class_reference_stats           cached per-class reference statistics (intra-class FID)
     dataset_classifier              the cached classifier of a labelled dataset (class accuracy, conf)
+    equivariance_metrics            eqtN_int / eqtN_frac / eqrN PSNRs of a generator with an input transform
     frechet_distance, kid, inception_score, precision_recall, clip_score, GaussianStats
     CLIPEncoder (pipeline.metrics.clip, imports transformers lazily)
 """
@@ -23,6 +25,7 @@ from pipeline.metrics.config import INCEPTION_URL, EvalConfig
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` below imports on first use
     from pipeline.metrics.classifier import ClassifierRecipe, SmallClassifier, TrainedClassifier, dataset_classifier
+    from pipeline.metrics.equivariance import equivariance_metrics
     from pipeline.metrics.evaluate import Evaluator, GeneratorInfo, better, load_generator_source
     from pipeline.metrics.extractors import (
         FeatureExtractor,
@@ -51,6 +54,7 @@ _LAZY = {
     "SmallClassifier": "classifier",
     "TrainedClassifier": "classifier",
     "dataset_classifier": "classifier",
+    "equivariance_metrics": "equivariance",
     "Evaluator": "evaluate",
     "GeneratorInfo": "evaluate",
     "better": "evaluate",
@@ -104,6 +108,7 @@ __all__ = [
     "class_reference_stats",
     "clip_score",
     "dataset_classifier",
+    "equivariance_metrics",
     "fid_from_stats",
     "frechet_distance",
     "generated_features",

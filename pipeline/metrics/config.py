@@ -58,8 +58,8 @@ class EvalConfig:
             self.best_metric is None or parse_metric(self.best_metric).kind != "pr",
             f"{prefix}.best_metric",
             self.best_metric,
-            "cannot rank checkpoints by precision/recall (two numbers): choose a fid, kid, is, acc, ifid or conf "
-            "metric",
+            "cannot rank checkpoints by precision/recall (two numbers): choose a fid, kid, is, acc, ifid, conf, "
+            "eqt or eqr metric",
         )
         require(
             all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in self.classes),

@@ -27,12 +27,17 @@ Result keys (what is logged and written to metrics.jsonl)
                            their predicted-class histogram / ln(number of classes); 1 = even, 0 = all one class,
                            NaN when none is confident (confN is 0 then)
     confN_spread_reals     the same of the held-out reals
+    eqtN_int, eqtN_frac    equivariance to translation by whole / fractional pixels (EQ-T, EQ-T_frac), and
+    eqrN                   to rotation (EQ-R): PSNR in dB between images G draws moved by its input transform and
+                           its unmoved images moved in pixel space (`pipeline.metrics.equivariance`; higher is
+                           better). Groups of 4 images share one move, whatever `eval.batch_size` says
 `last_details` holds what does not fit one number per key, for the JSON record of `ganpipe eval`: per metric,
 acc's classifier (id, reals trained on and held out), ifid's value and real count per class, and conf's
 classifier, threshold and per-class counts of confident images (generated: `counts`, held-out reals:
 `counts_reals`; keyed by class index, with the manifest's `class_names` when it has them).
 acc and ifid need a class-conditional generator, and acc, ifid and conf a dataset with class labels (one
-`ConfigError` line naming the metrics otherwise, before anything is drawn). conf takes any generator.
+`ConfigError` line naming the metrics otherwise, before anything is drawn). conf takes any generator; the
+equivariance metrics a generator with an input transform (StyleGAN3), checked before anything is drawn too.
 All ranks of a distributed job must call `evaluate` together; every rank returns the same numbers.
 """
 
@@ -51,6 +56,7 @@ from pipeline.errors import ConfigError
 from pipeline.export import open_networks
 from pipeline.metrics.classifier import CONFIDENT, TrainedClassifier, confidence, dataset_classifier
 from pipeline.metrics.config import EvalConfig
+from pipeline.metrics.equivariance import check_input_transform, equivariance_metrics
 from pipeline.metrics.extractors import FeatureExtractor, build_extractor
 from pipeline.metrics.features import Features, StopCheck, generated_features
 from pipeline.metrics.math import GaussianStats, fid_from_stats, inception_score, kid, precision_recall
@@ -62,13 +68,14 @@ from pipeline.storage import user_url
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = {
-    "fid": True, "kid": True, "is": False, "clip_score": False, "acc": False, "ifid": True, "conf": False
+    "fid": True, "kid": True, "is": False, "clip_score": False, "acc": False, "ifid": True, "conf": False,
+    "eqt_int": False, "eqt_frac": False, "eqr": False,
 }  # fmt: skip
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
-    """Whether `new` improves on `old` for `metric` (FID/KID/intra-class FID lower; IS/CLIP/accuracy and the share
-    of confidently classified samples higher)."""
+    """Whether `new` improves on `old` for `metric` (FID/KID/intra-class FID lower; IS/CLIP/accuracy, the share
+    of confidently classified samples and equivariance PSNRs higher)."""
     if old is None:
         return new == new  # NaN never counts as best
     return new < old if LOWER_IS_BETTER[parse_metric(metric).kind] else new > old
@@ -240,13 +247,23 @@ class Evaluator:
         if any(s.needs_labels for s in self.specs):
             self.check_labels()
         classes = self.check_classes(sampler) if any(s.needs_classes for s in self.specs) else []
+        moved = [s for s in self.specs if s.needs_input_transform]
+        if moved:
+            check_input_transform(sampler, ", ".join(s.name for s in moved))
         out: dict[str, float] = {}
-        pooled = [s for s in self.specs if s.kind != "ifid"]  # share one pass of generated images
+        pooled = [s for s in self.specs if s.kind != "ifid" and not s.needs_input_transform]  # one pass of images
         if pooled:
             out.update(self._pooled(sampler, pooled, should_stop))
         intra = [s for s in self.specs if s.kind == "ifid"]
         if intra:
             out.update(self._intra_class(sampler, intra, classes, should_stop))
+        if moved:  # their own pass: each group of images is drawn once unmoved and once per kind of move
+            out.update(
+                equivariance_metrics(
+                    sampler, moved, seed=self.cfg.seed, device=self.device, progress=self.progress,
+                    should_stop=should_stop,
+                )
+            )  # fmt: skip
         log.info("metrics in %.1fs: %s", time.perf_counter() - t0, out)
         return out
 

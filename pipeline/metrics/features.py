@@ -56,11 +56,12 @@ class Abandoned(Exception):
     rank together, and nothing is recorded."""
 
 
-def _stopped(should_stop: StopCheck | None) -> bool:
+def stop_requested(should_stop: StopCheck | None) -> bool:
+    """Whether this rank was asked to stop (polled between batches of a pass; `agree_on_stop` ends the pass)."""
     return should_stop is not None and should_stop()
 
 
-def _agree_on_stop(should_stop: StopCheck | None, stopped: bool) -> None:
+def agree_on_stop(should_stop: StopCheck | None, stopped: bool) -> None:
     """Every rank ends a pass here, before its first collective: `Abandoned` on all ranks if any of them stopped.
 
     A rank leaves its loop early when its own `should_stop()` turns true; one that saw no signal finishes its
@@ -181,7 +182,7 @@ def real_features(
     stopped = False
     with contextlib.closing(iter(reader)) as batches:  # closed at once when stopped: its workers end now
         for batch in batches:
-            if stopped := _stopped(should_stop):
+            if stopped := stop_requested(should_stop):
                 break
             feats = extractor(batch["image"].to(device))["features"].cpu()
             if streaming:
@@ -191,7 +192,7 @@ def real_features(
                 chunks.append(feats)
             bar.update(feats.shape[0])
     bar.close()
-    _agree_on_stop(should_stop, stopped)
+    agree_on_stop(should_stop, stopped)
     if reader.stats.num_bad:
         log.warning("skipped %d unusable real images while computing features: %s", reader.stats.num_bad,
                     {k: v for k, v in reader.stats.bad.items() if v})  # fmt: skip
@@ -256,7 +257,7 @@ def generated_features(
     bar = tqdm(total=num, desc="fakes", unit="img", disable=not progress or rank != 0, leave=False)
     stopped = False
     for start in range(lo, hi, batch_size):
-        if stopped := _stopped(should_stop):
+        if stopped := stop_requested(should_stop):
             break
         generators = eval_generators(range(start, min(start + batch_size, hi)), seed)
         z = sampler.latents_from(generators)  # each generator gives its image's z first, then its conditioning
@@ -278,7 +279,7 @@ def generated_features(
             probs.append(top_prob.float().cpu())
         bar.update(z.shape[0] * size)
     bar.close()
-    _agree_on_stop(should_stop, stopped)
+    agree_on_stop(should_stop, stopped)
     if extractor is not None:
         f = gather_rows(torch.cat(feats) if feats else torch.zeros((0, dim)))
     else:  # nothing to gather: 0-d features of the right count
@@ -328,7 +329,7 @@ def real_class_stats(
     stopped = False
     with contextlib.closing(iter(reader)) as batches:
         for batch in batches:
-            if stopped := _stopped(should_stop):
+            if stopped := stop_requested(should_stop):
                 break
             labels = torch.as_tensor(batch["label"], dtype=torch.long)
             bar.update(labels.shape[0])
@@ -349,7 +350,7 @@ def real_class_stats(
                 if len(keys) > 2 * num_real:  # keep this rank's first num_real keys: the global first are among them
                     kept[k] = _first_keys(keys, torch.cat(chunks), num_real)
     bar.close()
-    _agree_on_stop(should_stop, stopped)
+    agree_on_stop(should_stop, stopped)
     if reader.stats.num_bad:
         log.warning("skipped %d unusable real images while computing per-class features: %s", reader.stats.num_bad,
                     {k: v for k, v in reader.stats.bad.items() if v})  # fmt: skip
@@ -385,6 +386,7 @@ __all__ = [
     "Abandoned",
     "Features",
     "StopCheck",
+    "agree_on_stop",
     "all_reduce_stats",
     "class_labels",
     "eval_generators",
@@ -393,5 +395,6 @@ __all__ = [
     "generated_features",
     "real_class_stats",
     "real_features",
+    "stop_requested",
     "world",
 ]

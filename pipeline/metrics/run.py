@@ -6,6 +6,8 @@ checkpoint, defaults for an export, then the command line's choices) and call th
 (WORLD_SIZE > 1) it joins the process group itself (NCCL on GPUs, gloo on CPUs) and every rank extracts its
 share; rank 0 prints and writes. The JSON record holds `details` when a metric has more to say than its numbers
 (acc's classifier, ifid's per-class values, conf's per-class counts of confidently classified images).
+Metrics that compare with no reals (is, the equivariance metrics eqtN_int, eqtN_frac, eqrN) need no dataset:
+`ganpipe eval` runs them without --data, and `ganpipe eval stats` has nothing to cache for them.
 """
 
 from __future__ import annotations
@@ -140,6 +142,8 @@ def build_stats(
     seen: set[tuple[int | None, bool]] = set()
     classifier_done = False
     for spec in sorted(specs, key=lambda s: not s.needs_real_features):
+        if not spec.needs_reals:  # is and the equivariance metrics: nothing of the dataset to cache
+            continue
         if spec.needs_classifier:
             if classifier_done:
                 continue  # one classifier serves every acc and conf metric
@@ -173,7 +177,7 @@ def build_stats(
             done.append({"metric": spec.name, "num_real": {str(k): s.num for k, s in stats.items()}, "cache_hit": hit,
                          "extractor": extractor.extractor_id})  # fmt: skip
             continue
-        if not spec.needs_reals or any(n == spec.num_real and (f or not spec.needs_real_features) for n, f in seen):
+        if any(n == spec.num_real and (f or not spec.needs_real_features) for n, f in seen):
             continue
         feats, hit = reference_features(
             data_url, extractor, cache_url=cache_url, resolution=resolution, num_real=spec.num_real,

@@ -112,6 +112,7 @@ class Sampler:
     Options: ClassVar[type[SampleOptions]] = SampleOptions
     interpolation_spaces: ClassVar[tuple[str, ...]] = ("z",)
     can_style_mix: ClassVar[bool] = False
+    can_move: ClassVar[bool] = False  # has `motion_frames(seed, num_frames, request, options)` (StyleGAN3)
     graph_options: ClassVar[tuple[str, ...]] = ()  # Options fields an exported graph takes as scalar inputs
     graph_fixed: ClassVar[dict[str, Any]] = {}  # what an exported graph fixes of the other options
     graph_option_examples: ClassVar[tuple[dict[str, Any], ...]] = ({},)  # option values an export is verified at

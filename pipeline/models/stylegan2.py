@@ -418,6 +418,7 @@ class SynthesisNetwork(nn.Module):
         noise_mode: NoiseMode = "random",
         fused_modconv: bool | None = None,
         force_fp32: bool = False,
+        update_emas: bool = False,  # nothing to track here; taken so that one loss drives StyleGAN2 and StyleGAN3
     ) -> Tensor:
         assert ws.ndim == 3 and ws.shape[1:] == (self.num_ws, self.w_dim), (
             f"expected ws [N, {self.num_ws}, {self.w_dim}]"

@@ -251,6 +251,22 @@ def lowpass_filter(numtaps: int, cutoff: float, width: float, fs: float, radial:
     return torch.as_tensor(h / h.sum(), dtype=torch.float32)
 
 
+def image_transform(translate: tuple[float, float] = (0.0, 0.0), rotate_deg: float = 0.0) -> Tensor:
+    """The `SynthesisInput.transform` [3, 3] (float32) that shows the image moved by `translate` (x right, y down,
+    in units of the image's side: 0.5 moves it by half its width) and rotated by `rotate_deg` degrees
+    counter-clockwise about its centre (as displayed, rows top to bottom): the inverse, computed in float64, of
+
+        M = [[cos a, sin a, t_x], [-sin a, cos a, t_y], [0, 0, 1]],
+
+    the matrix NVIDIA's gen_images.py inverts for its `--translate` and `--rotate`."""
+    a = math.radians(rotate_deg)
+    m = torch.tensor(
+        [[math.cos(a), math.sin(a), translate[0]], [-math.sin(a), math.cos(a), translate[1]], [0.0, 0.0, 1.0]],
+        dtype=torch.float64,
+    )
+    return torch.linalg.inv(m).to(torch.float32)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Synthesis
 
@@ -595,6 +611,7 @@ __all__ = [
     "SynthesisLayer",
     "SynthesisNetwork",
     "design_layers",
+    "image_transform",
     "lowpass_filter",
     "magnitude_ema_beta",
     "nvlabs_preset",

@@ -14,6 +14,11 @@ For any G with `mapping(z, c, truncation_psi=1) -> ws [N, num_ws, w_dim]` (track
   circle between their z before mapping (`space="z"`).
 - Exported graphs take the truncation psi as an input and truncate toward the global w_avg with the stored noise
   (`noise_mode="const"`): a class's average w needs thousands of mapping passes, which belong to no graph.
+- StyleGAN3 (`StyleGAN3Sampler`): `--translate X,Y` and `--rotate DEG` show the image moved and rotated, by writing
+  the input transform (`pipeline.models.stylegan3.image_transform`) while a batch is drawn (`synthesize_ws`, which
+  every method here draws through) and restoring the stored one afterwards; `motion_frames` moves one seed's image
+  step by step from no move to the asked one (NVIDIA's videos of translation and rotation equivariance). Exported
+  graphs keep the stored transform.
 - Precision: on CUDA the float16 blocks (`num_fp16_res`) run as trained; elsewhere, and in exported graphs, every
   block runs in float32. float16 on a CPU is no faster (measured 0.9-1.0 s vs 0.8-1.0 s for a 256px pair) and
   moves pixels by ~1e-2; an exported graph is float32 so that any runtime reproduces it (TensorRT and the like
@@ -22,6 +27,8 @@ For any G with `mapping(z, c, truncation_psi=1) -> ws [N, num_ws, w_dim]` (track
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,6 +40,7 @@ from torch import Tensor
 from pipeline.errors import SamplingError
 from pipeline.models.conditioning import Cond, Request
 from pipeline.models.sampling import NO_REQUEST, Program, SampleOptions, Sampler, interpolation_schedule, option
+from pipeline.models.stylegan3 import image_transform
 
 NOISE_MODES = ("const", "random", "none")
 TRUNCATION_CENTERS = ("class", "global")
@@ -114,13 +122,16 @@ class StyleGANSampler(Sampler):
         return self.G.synthesis(self.G.mapping.w_avg.lerp(ws, psi), noise_mode="const", force_fp32=True)
 
     @torch.no_grad()
-    def synthesize_ws(self, ws: Tensor, noise_mode: str = "const", noise_seed: int = 0) -> Tensor:
-        """Images [N, C, H, W] (on G's device) for ws [N, num_ws, w_dim]; `random` noise comes from `noise_seed`."""
-        if noise_mode != "random":
-            return self.G.synthesis(ws, noise_mode=noise_mode, force_fp32=self.force_fp32)
+    def synthesize_ws(self, ws: Tensor, options: SampleOptions | None = None, first: int = 0) -> Tensor:
+        """Images [N, C, H, W] (on G's device) for ws [N, num_ws, w_dim] under `options`; with `random` noise, the
+        batch whose first image is image `first` of a call draws its noise from `noise_seed + first`. Every sampler
+        method draws through here."""
+        opts: StyleGANOptions = self.resolve(options)
+        if opts.noise_mode != "random":
+            return self.G.synthesis(ws, noise_mode=opts.noise_mode, force_fp32=self.force_fp32)
         device = ws.device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(noise_seed)
+            torch.manual_seed(opts.noise_seed + first)
             return self.G.synthesis(ws, noise_mode="random", force_fp32=self.force_fp32)
 
     @torch.no_grad()
@@ -160,7 +171,7 @@ class StyleGANSampler(Sampler):
     def program(self, request: Request, options: SampleOptions | None = None) -> Program:
         opts: StyleGANOptions = self.resolve(options)
         to_ws = self.mapper(request, opts)
-        return lambda z, first: self.synthesize_ws(to_ws(z), opts.noise_mode, opts.noise_seed + first)
+        return lambda z, first: self.synthesize_ws(to_ws(z), opts, first)
 
     @torch.no_grad()
     def style_mix_grid(
@@ -193,10 +204,7 @@ class StyleGANSampler(Sampler):
                 mixed[list(col_styles)] = ws[c][list(col_styles)]
                 cells.append(mixed)
         real = torch.stack([w for w in cells if w is not None])
-        mode, seed = opts.noise_mode, opts.noise_seed
-        images = torch.cat(
-            [self.synthesize_ws(real[i : i + 16], mode, seed + i).cpu() for i in range(0, real.shape[0], 16)]
-        )
+        images = torch.cat([self.synthesize_ws(real[i : i + 16], opts, i).cpu() for i in range(0, real.shape[0], 16)])
         blank = torch.full_like(images[:1], -1.0)
         return torch.cat([blank, images]), (len(row_seeds) + 1, len(col_seeds) + 1)
 
@@ -217,11 +225,131 @@ class StyleGANSampler(Sampler):
         opts: StyleGANOptions = self.resolve(options)
         to_ws = self.mapper(request, opts)
         ends = to_ws(self.latents(seeds))
-        mode, seed = opts.noise_mode, opts.noise_seed
         for start in range(0, len(seg), batch_size):
             s, tt = seg[start : start + batch_size].to(ends.device), t[start : start + batch_size].to(ends.device)
             a, b = ends[s], ends[s + 1]
-            yield self.synthesize_ws(a + (b - a) * tt[:, None, None], mode, seed + start).cpu()
+            yield self.synthesize_ws(a + (b - a) * tt[:, None, None], opts, start).cpu()
 
 
-__all__ = ["NOISE_MODES", "TRUNCATION_CENTERS", "StyleGANOptions", "StyleGANSampler", "truncate"]
+def parse_translate(text: str) -> tuple[float, float]:
+    """'X,Y' -> (X, Y); SamplingError naming --translate otherwise."""
+    parts = text.split(",")
+    try:
+        if len(parts) != 2:
+            raise ValueError
+        x, y = (float(part) for part in parts)
+    except ValueError:
+        raise SamplingError(f"--translate {text!r} is invalid: give X,Y in image widths, e.g. 0.25,-0.1") from None
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise SamplingError(f"--translate {text!r} is invalid: X and Y must be finite numbers")
+    return x, y
+
+
+@dataclass(frozen=True)
+class StyleGAN3Options(StyleGANOptions):
+    """StyleGAN's options plus StyleGAN3's input transform (see the module docstring)."""
+
+    translate: str | None = option(
+        None,
+        "--translate",
+        "StyleGAN3: show the image moved by X,Y image widths (x right, y down), e.g. 0.25,0",
+        metavar="X,Y",
+        type=str,
+    )
+    rotate: float | None = option(
+        None,
+        "--rotate",
+        "StyleGAN3: show the image rotated by DEG degrees counter-clockwise about its centre",
+        metavar="DEG",
+        type=float,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.translate is not None:
+            parse_translate(self.translate)
+        if self.rotate is not None and not np.isfinite(self.rotate):
+            raise SamplingError(f"--rotate {self.rotate} is invalid: give a finite angle in degrees")
+
+    @property
+    def moves(self) -> bool:
+        return self.translate is not None or self.rotate is not None
+
+    def transform(self, amount: float = 1.0) -> Tensor:
+        """The input transform that shows `amount` of the asked move (0 = none, 1 = all of it)."""
+        tx, ty = parse_translate(self.translate) if self.translate is not None else (0.0, 0.0)
+        return image_transform((amount * tx, amount * ty), amount * (self.rotate or 0.0))
+
+
+class StyleGAN3Sampler(StyleGANSampler):
+    """The StyleGAN sampler with StyleGAN3's input transform: `--translate`, `--rotate` and `motion_frames`."""
+
+    Options: ClassVar[type[SampleOptions]] = StyleGAN3Options
+    can_move: ClassVar[bool] = True
+    graph_fixed: ClassVar[dict[str, Any]] = {**StyleGANSampler.graph_fixed, "translate": None, "rotate": None}
+
+    @classmethod
+    def graph_unavailable(cls, options: SampleOptions, request: Request) -> str | None:
+        opts: StyleGAN3Options = options  # type: ignore[assignment]
+        if opts.moves:
+            return (
+                "--translate and --rotate set StyleGAN3's input transform, which an exported graph holds fixed: "
+                "use --runtime torch"
+            )
+        return super().graph_unavailable(options, request)
+
+    @contextlib.contextmanager
+    def input_transform(self, transform: Tensor | None) -> Iterator[None]:
+        """G draws with `transform` as its input transform inside the block (None: the stored one), restored after."""
+        if transform is None:
+            yield
+            return
+        buffer = self.G.synthesis.input.transform
+        stored = buffer.clone()
+        buffer.copy_(transform.to(buffer))
+        try:
+            yield
+        finally:
+            buffer.copy_(stored)
+
+    def moved(
+        self, translate: tuple[float, float] = (0.0, 0.0), rotate_deg: float = 0.0
+    ) -> contextlib.AbstractContextManager[None]:
+        """G draws its image moved by `translate` image widths and turned `rotate_deg` degrees counter-clockwise
+        inside the block (`image_transform`); the stored transform comes back after it."""
+        return self.input_transform(image_transform(translate, rotate_deg))
+
+    @torch.no_grad()
+    def synthesize_ws(self, ws: Tensor, options: SampleOptions | None = None, first: int = 0) -> Tensor:
+        opts: StyleGAN3Options = self.resolve(options)
+        with self.input_transform(opts.transform() if opts.moves else None):
+            return super().synthesize_ws(ws, opts, first)
+
+    @torch.no_grad()
+    def motion_frames(
+        self, seed: int, num_frames: int, request: Request = NO_REQUEST, options: SampleOptions | None = None
+    ) -> Iterator[Tensor]:
+        """`num_frames` frames [1, C, H, W] (CPU) of seed `seed`, moving in equal steps from no move (frame 0) to the
+        options' --translate/--rotate (the last frame); the latent and its truncation stay fixed."""
+        opts: StyleGAN3Options = self.resolve(options)
+        if not opts.moves:
+            raise SamplingError("--motion moves the image: give --translate X,Y and/or --rotate DEG")
+        if num_frames < 2:
+            raise SamplingError(f"--motion {num_frames} is invalid: give at least 2 frames")
+        ws = self.mapper(request, opts)(self.latents([seed]))
+        still = dataclasses.replace(opts, translate=None, rotate=None)  # the frame's transform is set around the call
+        for i in range(num_frames):
+            with self.input_transform(opts.transform(i / (num_frames - 1))):
+                yield self.synthesize_ws(ws, still).cpu()
+
+
+__all__ = [
+    "NOISE_MODES",
+    "TRUNCATION_CENTERS",
+    "StyleGAN3Options",
+    "StyleGAN3Sampler",
+    "StyleGANOptions",
+    "StyleGANSampler",
+    "parse_translate",
+    "truncate",
+]

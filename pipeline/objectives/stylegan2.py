@@ -9,6 +9,11 @@ Augmentation as in StyleGAN2-ADA: D always sees augmented images (Gmain fakes, D
 reals of R1, whose gradient is taken with respect to the images before augmentation). D's logits on reals
 (Dmain and R1 passes) are reported to the augmentation for ADA's r_t.
 
+Blur (StyleGAN3, Karras et al. 2021, Appendix C): D's inputs, fake and real, can be blurred by a Gaussian whose
+sigma fades linearly from `blur_init_sigma` pixels to 0 over the first `blur_fade_kimg` kimg (NVIDIA's StyleGAN3-R
+uses 10 px over batch * 200 / 32 kimg), so that D cannot lean on high frequencies before G can make them. The blur
+comes before augmentation, and R1's gradient is taken with respect to the unblurred reals.
+
 Mixed precision: R1 and path-length passes run G and D with `force_fp32=True`, i.e. without the float16 layers
 of `num_fp16_res`, and the penalties are reduced in float32: they square gradients, which float16 can neither
 hold (overflow) nor resolve (underflow). Main passes use the networks' own precision.
@@ -16,6 +21,7 @@ hold (overflow) nor resolve (underflow). Main passes use the networks' own preci
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +32,7 @@ from pipeline.augment import Augment
 from pipeline.errors import require
 from pipeline.objectives.base import Net, Networks, Objective, Phase, PhaseInputs
 from pipeline.objectives.regularizers import PathLengthRegularizer, r1_penalty
+from pipeline.ops.upfirdn2d import filter2d
 
 
 @dataclass
@@ -37,6 +44,8 @@ class StyleGAN2LossConfig:
     pl_batch_shrink: int = 2
     pl_decay: float = 0.01
     style_mixing_prob: float = 0.9
+    blur_init_sigma: float = 0.0  # px; sigma of the Gaussian blur on D's inputs at kimg 0; 0 = no blur
+    blur_fade_kimg: float | None = None  # the blur fades to 0 over this many kimg; null = batch_size * 200 / 32
 
     def validate(self, prefix: str) -> None:
         checks = [
@@ -47,16 +56,46 @@ class StyleGAN2LossConfig:
             (self.pl_batch_shrink >= 1, "pl_batch_shrink", self.pl_batch_shrink, "must be >= 1"),
             (0 < self.pl_decay <= 1, "pl_decay", self.pl_decay, "must be in (0, 1]"),
             (0 <= self.style_mixing_prob <= 1, "style_mixing_prob", self.style_mixing_prob, "must be in [0, 1]"),
+            (self.blur_init_sigma >= 0, "blur_init_sigma", self.blur_init_sigma, "must be >= 0"),
+            (
+                self.blur_fade_kimg is None or self.blur_fade_kimg > 0,
+                "blur_fade_kimg",
+                self.blur_fade_kimg,
+                "must be > 0, or null for batch_size * 200 / 32",
+            ),
         ]
         for ok, key, value, allowed in checks:
             require(ok, f"{prefix}.{key}", value, allowed)
 
 
+def blur_fade_kimg(cfg: StyleGAN2LossConfig, batch_size: int) -> float:
+    """Over how many kimg the blur on D's inputs fades: the configured value, or NVIDIA's batch_size * 200 / 32."""
+    return cfg.blur_fade_kimg if cfg.blur_fade_kimg is not None else batch_size * 200 / 32
+
+
+def gaussian_blur(img: Tensor, sigma: float) -> Tensor:
+    """img [N, C, H, W] filtered by a separable Gaussian of `sigma` pixels, truncated at floor(3 sigma) taps each
+    side and normalised to sum 1 (edges see zero padding); the identity when floor(3 sigma) is 0."""
+    radius = math.floor(sigma * 3)
+    if radius <= 0:
+        return img
+    f = torch.arange(-radius, radius + 1, device=img.device, dtype=torch.float32).div(sigma).square().neg().exp2()
+    return filter2d(img, f / f.sum())
+
+
 class StyleGAN2Objective(Objective):
-    def __init__(self, cfg: StyleGAN2LossConfig) -> None:
+    """The loss of StyleGAN2 and StyleGAN3 (NVIDIA trains both with one loss). `batch_size` (images per step, over
+    all ranks) sets the blur's default fade."""
+
+    def __init__(self, cfg: StyleGAN2LossConfig, batch_size: int = 32) -> None:
         super().__init__()
         self.cfg = cfg
+        self.blur_fade_kimg = blur_fade_kimg(cfg, batch_size)
         self.path_length = PathLengthRegularizer(cfg.pl_decay)
+
+    def blur_sigma(self, cur_nimg: int) -> float:
+        """Sigma (px) of the blur on D's inputs after `cur_nimg` images: linear from blur_init_sigma to 0."""
+        return max(1 - cur_nimg / (self.blur_fade_kimg * 1e3), 0) * self.cfg.blur_init_sigma
 
     # ------------------------------------------------------------------------------------------------------------
     # Schedule
@@ -99,11 +138,18 @@ class StyleGAN2Objective(Objective):
             ws_mix = G.mapping(torch.randn_like(z), c, update_emas=False)
             layer = torch.arange(num_ws, device=ws.device)[None, :, None]
             ws = torch.where(layer < cutoff, ws, ws_mix)
-        return G.synthesis(ws, force_fp32=force_fp32), ws
+        return G.synthesis(ws, force_fp32=force_fp32, update_emas=update_emas), ws
 
     def run_D(
-        self, D: nn.Module, img: Tensor, c: Tensor | None, augment: Augment | None, force_fp32: bool = False
+        self,
+        D: nn.Module,
+        img: Tensor,
+        c: Tensor | None,
+        augment: Augment | None,
+        force_fp32: bool = False,
+        blur_sigma: float = 0.0,
     ) -> Tensor:
+        img = gaussian_blur(img, blur_sigma)
         if augment is not None:
             img = augment(img)
         return D(img, c, force_fp32=force_fp32)
@@ -115,10 +161,11 @@ class StyleGAN2Objective(Objective):
         G, D = nets.G, nets.D
         stats: dict[str, Tensor] = {}
         gain = float(phase.interval)
+        blur = self.blur_sigma(inputs.cur_nimg)
 
         if phase.name == "Gmain":
             gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c)
-            gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment)
+            gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment, blur_sigma=blur)
             loss = F.softplus(-gen_logits).mean()  # -log(sigmoid(D(G(z))))
             stats["Loss/scores/fake_G"] = gen_logits.detach().mean()
             stats["Loss/G/loss"] = loss.detach()
@@ -142,12 +189,12 @@ class StyleGAN2Objective(Objective):
             if phase.name in ("Dmain", "Dboth"):
                 with torch.no_grad():
                     gen_img, _ = self.run_G(G, inputs.gen_z, inputs.gen_c, update_emas=True)
-                gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment)
+                gen_logits = self.run_D(D, gen_img, inputs.gen_c, inputs.augment, blur_sigma=blur)
                 loss = loss + F.softplus(gen_logits).mean()  # -log(1 - sigmoid(D(G(z))))
                 stats["Loss/scores/fake"] = gen_logits.detach().mean()
             regularize = phase.name != "Dmain"
             real_img = inputs.real_img.detach().requires_grad_(regularize)
-            real_logits = self.run_D(D, real_img, inputs.real_c, inputs.augment, force_fp32=regularize)
+            real_logits = self.run_D(D, real_img, inputs.real_c, inputs.augment, force_fp32=regularize, blur_sigma=blur)
             if inputs.augment is not None:
                 inputs.augment.observe_real_logits(real_logits)
             if phase.name in ("Dmain", "Dboth"):

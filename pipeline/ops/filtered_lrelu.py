@@ -67,7 +67,8 @@ def filtered_lrelu(
         )
     if b is not None:
         assert isinstance(b, torch.Tensor) and b.shape == (x.shape[1],), f"b must have shape [{x.shape[1]}]"
-    n, c, h, w = (int(s) for s in x.shape)
+    n = x.shape[0]  # left symbolic: int() would pin the batch size of an exported graph
+    c, h, w = (int(s) for s in x.shape[1:])
     fu_w, fu_h = filter_size(fu)
     fd_w, fd_h = filter_size(fd)
     impl = resolve_impl(impl, x, kernel_limit(up, down, max(fu_w, fu_h), max(fd_w, fd_h)))

@@ -24,6 +24,11 @@ from pipeline.metrics.spec import parse_metric
         ("ifid50", "ifid", 50, 50, 3),
         ("conf10k", "conf", 10000, 0, 3),
         ("conf500", "conf", 500, 0, 3),
+        ("eqt50k_int", "eqt_int", 50000, 0, 3),
+        ("eqt50k_frac", "eqt_frac", 50000, 0, 3),
+        ("eqr50k", "eqr", 50000, 0, 3),
+        ("eqt1k_int", "eqt_int", 1000, 0, 3),
+        ("eqr16", "eqr", 16, 0, 3),
     ],
 )
 def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | None, nn: int) -> None:
@@ -34,7 +39,9 @@ def test_names_users_know(name: str, kind: str, num_gen: int, num_real: int | No
 @pytest.mark.parametrize(
     "name",
     ["fid", "fdi50k", "fid0", "is50k_full", "fid50k3", "clip_score30k_full", "FID50k", "acc1k_full", "acc10k3",
-     "ifid1", "ifid5k3_full", "iifid5k", "acc", "conf1k_full", "conf10k3", "conf", "conf0"],
+     "ifid1", "ifid5k3_full", "iifid5k", "acc", "conf1k_full", "conf10k3", "conf", "conf0", "eqt50k",
+     "eqt50k_full", "eqt50k_int_full", "eqr50k_full", "eqr50k_int", "eqt0_int", "eqr0", "eqt", "eqt50k_half",
+     "eqt50k3_int", "EQT50k_int"],
 )  # fmt: skip
 def test_bad_names_say_what_is_valid(name: str) -> None:
     with pytest.raises(ConfigError, match=name):
@@ -45,6 +52,18 @@ def test_the_unknown_name_error_lists_every_kind() -> None:
     with pytest.raises(ConfigError, match="fid, kid, is, pr, clip_score, acc, ifid, conf") as e:
         parse_metric("accuracy1k")
     assert "acc10k" in str(e.value) and "ifid5k_full" in str(e.value) and "conf10k" in str(e.value)
+    assert "eqtCOUNT[k]_int, eqtCOUNT[k]_frac, eqrCOUNT[k]" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "fix"),
+    [("eqt50k", "eqt50k_int (whole pixels) or eqt50k_frac"), ("eqr50k_int", "e.g. eqr50k"),
+     ("eqt1k_full", "drop '_full' (e.g. eqt1k_int)"), ("eqr0", "must be > 0")],
+)  # fmt: skip
+def test_equivariance_name_errors_name_the_fix(name: str, fix: str) -> None:
+    with pytest.raises(ConfigError, match=name) as e:
+        parse_metric(name)
+    assert fix in str(e.value)
 
 
 def test_what_each_kind_needs() -> None:
@@ -57,3 +76,8 @@ def test_what_each_kind_needs() -> None:
     assert not conf.needs_extractor and not conf.needs_real_features
     assert acc.needs_labels and acc.needs_classifier and ifid.needs_labels and not ifid.needs_classifier
     assert not fid.needs_labels and not fid.needs_classifier
+    for name in ("eqt50k_int", "eqt50k_frac", "eqr50k"):  # a generator with an input transform, nothing else
+        s = parse_metric(name)
+        assert s.needs_input_transform and s.num_real == 0
+        assert not (s.needs_reals or s.needs_labels or s.needs_classes or s.needs_classifier or s.needs_extractor)
+    assert not fid.needs_input_transform and not acc.needs_input_transform

@@ -11,23 +11,17 @@ checkout of NVIDIA's repository, importing its code from there at run time (its 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from functools import cache
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from pipeline.errors import ConfigError
 from pipeline.models import stylegan2
 from pipeline.models.stylegan3 import (
     Generator,
-    MappingConfig,
     StyleGAN3Config,
     SynthesisConfig,
     SynthesisInput,
@@ -37,8 +31,8 @@ from pipeline.models.stylegan3 import (
 )
 from pipeline.ops._dispatch import triton_unavailable_reason
 from pipeline.schema import parse_section
+from tests.models.nvlabs_stylegan3_fixture import fixture, fixture_config
 
-FIXTURES = Path(__file__).parent / "fixtures"
 TAGS = ("t", "r")
 RESOLUTIONS = (16, 32)
 PSIS = ("1", "0.7")
@@ -51,34 +45,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # Fixture helpers
 
 
-@cache
-def fixture(tag: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(config, per-resolution NVIDIA layer design, tensors) of nvlabs_stylegan3_{tag}.safetensors."""
-    path = FIXTURES / f"nvlabs_stylegan3_{tag}.safetensors"
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata()
-    return json.loads(meta["config"]), json.loads(meta["layers"]), load_file(str(path))
-
-
 def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def fixture_config(meta: dict[str, Any]) -> StyleGAN3Config:
-    return StyleGAN3Config(
-        z_dim=meta["z_dim"],
-        w_dim=meta["w_dim"],
-        c_dim=meta["c_dim"],
-        mapping=MappingConfig(num_layers=meta["map_layers"]),
-        synthesis=SynthesisConfig(
-            conv_kernel=meta["conv_kernel"],
-            use_radial_filters=meta["use_radial_filters"],
-            channel_base=meta["channel_base"],
-            channel_max=meta["channel_max"],
-            conv_clamp=meta["conv_clamp"],
-            num_fp16_res=meta["num_fp16_res"],
-        ),
-    )
 
 
 def ours_for(tag: str, resolution: int, load: bool = True) -> tuple[Generator, dict[str, torch.Tensor]]:
