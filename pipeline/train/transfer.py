@@ -3,7 +3,7 @@ frozen (`freeze_d=N`).
 
 `SOURCE` is anything `pipeline.export.open_networks` reads: an export or `ganpipe convert` folder, a ganpipe
 checkpoint or run dir (its newest checkpoint), or a foreign checkpoint a converter claims (an NVIDIA
-StyleGAN2-ADA / StyleGAN3 `--cfg=stylegan2` snapshot `.pkl`, converted in memory, never executed).
+StyleGAN2-ADA / StyleGAN3 snapshot `.pkl`, converted in memory, never executed).
 
 Contract: the source must be of the recipe's family, with the same `data.resolution` and the same `model` section,
 except the keys the family lists in `init_ignore_keys` (they steer training, not what the weights mean; StyleGAN2:

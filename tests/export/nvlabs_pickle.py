@@ -10,6 +10,7 @@ We reproduce that structure: the module tree and attribute names come from our S
 NVIDIA's), the tensor values from the committed NVIDIA fixture. To pickle references to NVIDIA's module paths
 without NVIDIA's code, `nvlabs_modules()` installs placeholder modules under those names for the duration of the
 dump; the placeholder `_reconstruct_persistent_obj` raises, so a plain `pickle.load` of these files fails loudly.
+tests/export/nvlabs3_pickle.py builds StyleGAN3 snapshots with the same pieces.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import pickle
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,10 +142,15 @@ def nvlabs_snapshot_bytes(
     extra: dict[str, Any] | None = None,
     protocol: int = 4,
     drop: tuple[str, ...] = (),
+    g_attrs: dict[str, dict[str, Any]] | None = None,
+    tweak: Callable[[dict[str, Any]], None] | None = None,
 ) -> bytes:
-    """A StyleGAN2-ADA snapshot pickle with G_ema = `g_tensors`, G = `g_train_tensors` (default the same)."""
+    """A snapshot pickle with G_ema = `g_tensors`, G = `g_train_tensors` (default the same). `g_attrs` sets
+    attributes of G's modules by prefix ("synthesis.input." -> {name: value}) where NVIDIA's differ from ours;
+    `tweak(snapshot)` may edit the dict of `Persistent` objects just before it is pickled."""
     with nvlabs_modules():
-        g_extra = {"": {"_init_kwargs": _easy(g_kwargs)}}
+        g_extra = {**(g_attrs or {})}
+        g_extra[""] = {**g_extra.get("", {}), "_init_kwargs": _easy(g_kwargs)}
         d_extra = {"": {"_init_kwargs": _easy(d_kwargs)}}
         augment = Persistent(
             "AugmentPipe",
@@ -175,6 +181,8 @@ def nvlabs_snapshot_bytes(
         }
         for key in drop:
             del snapshot[key]
+        if tweak is not None:
+            tweak(snapshot)
         return pickle.dumps(snapshot, protocol=protocol)
 
 
@@ -187,7 +195,7 @@ def _easy(obj: Any) -> Any:
 FIXTURE = REPO / "tests" / "models" / "fixtures" / "nvlabs_stylegan2_small.safetensors"
 
 
-def _section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+def section(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
@@ -234,14 +242,14 @@ def fixture_snapshot(
         "epilogue_kwargs": {"mbstd_group_size": 4},
         **common,
     }
-    g_tensors = _section(tensors, f"{tag}/G/")
+    g_tensors = section(tensors, f"{tag}/G/")
     # The non-EMA G differs from G_ema in a real snapshot; shift it so the test can tell them apart.
     g_train = {k: v + 0.5 if k.endswith("bias") else v for k, v in g_tensors.items()}
     data = nvlabs_snapshot_bytes(
         Generator(cfg, resolution),
         g_tensors,
         Discriminator(cfg, resolution),
-        _section(tensors, f"{tag}/D/"),
+        section(tensors, f"{tag}/D/"),
         g_kwargs,
         d_kwargs,
         g_train_tensors=g_train,

@@ -115,7 +115,7 @@ def test_cli_convert(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "x").exists()
 
 
-def test_unsupported_snapshots_are_named(tmp_path: Path) -> None:
+def test_unsupported_and_incomplete_snapshots_are_named(tmp_path: Path) -> None:
     bad = tmp_path / "tf.pkl"
     bad.write_bytes(b"cdnnlib.tflib.network\nNetwork\n)R.")  # how a TensorFlow-era pickle names its networks
     with pytest.raises(ConvertError, match=r"dnnlib\.tflib\.network\.Network, .*TensorFlow-era pickle"):
@@ -126,7 +126,7 @@ def test_unsupported_snapshots_are_named(tmp_path: Path) -> None:
         synthesis = Persistent("SynthesisNetwork", {**empty, "_modules": {"input": Persistent("SynthesisInput", {})}})
         mapping = Persistent("MappingNetwork", {**empty, "_modules": {}})
         sg3 = Persistent("Generator", {**empty, "_modules": {"synthesis": synthesis, "mapping": mapping}})
-        bad.write_bytes(pickle.dumps({"G_ema": sg3, "G": sg3}))
+        bad.write_bytes(pickle.dumps({"G_ema": sg3, "G": sg3}))  # a StyleGAN3 layout without its arguments
     with pytest.raises(ConvertError, match="StyleGAN3 \\(alias-free\\) generator"):
         convert_nvlabs(str(bad))
 
