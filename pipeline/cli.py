@@ -235,6 +235,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from pipeline.imaging import save_image_grid
     from pipeline.models.conditioning import Request
 
+    if getattr(args, "motion", None) is not None:
+        other = next((flag for flag, given in (("--style-mix", getattr(args, "style_mix", None)),
+                      ("--interpolate", args.interpolate), ("--out", args.out)) if given), None)  # fmt: skip
+        if other is not None:
+            raise SamplingError(f"--motion writes one PNG per frame into --outdir: drop {other}")
     if getattr(args, "style_mix", None) and not args.out:
         raise SamplingError("--style-mix writes one grid: add --out GRID.png")
     if args.interpolate and not args.outdir:

@@ -30,17 +30,18 @@ give +inf. Higher is better. The moves:
 
 Sampling, as NVIDIA's does it: images come in groups of 4 (`GROUP`, NVIDIA's batch per GPU) that share one
 translation, one fractional translation and one angle, because the input transform is one [3, 3] matrix for the
-whole batch; w = mapping(z, c) without truncation; every image in float32 (`force_fp32=True`: float16 rounding
-would count as non-equivariance). Image i's z (and class) come from the same private generator (seed, i) as
-every other metric's image i (`pipeline.metrics.features.eval_generators`); group g's moves from a generator of
-(seed, g). Ranks take contiguous blocks of groups and gather per-image sums in index order, so the numbers do not
-depend on the number of ranks; metric `eqtN_int` uses images 0..N-1 (its last group may be partial), and metrics
-asked together share one pass.
+whole batch; w = mapping(z, c) without truncation; G runs at the precision it was trained in, as in NVIDIA's
+metric (its float16 layers on CUDA, float32 elsewhere: the sampler's `force_fp32`), so on a GPU float16 rounding
+counts against equivariance just as it does in the published numbers. Image i's z (and class) come from the same
+private generator (seed, i) as every other metric's image i (`pipeline.metrics.features.eval_generators`); group
+g's moves from a generator of (seed, g). Ranks take contiguous blocks of groups and gather per-image sums in index
+order, so the numbers do not depend on the number of ranks; metric `eqtN_int` uses images 0..N-1 (its last group
+may be partial), and metrics asked together share one pass.
 
 Contract: the sampler can move its images (`Sampler.can_move`: StyleGAN3's `StyleGAN3Sampler`, whose
 `moved(translate, rotate_deg)` context manager sets the generator's input transform and restores the stored one),
 and its generator has `img_resolution`, `G.mapping(z, c, truncation_psi=1) -> ws` and `G.synthesis(ws,
-noise_mode="const", force_fp32=True) -> images`. Anything else (StyleGAN2, BigGAN: no input to move) is one
+noise_mode="const", force_fp32=...) -> images`. Anything else (StyleGAN2, BigGAN: no input to move) is one
 `ConfigError` line naming the metrics, before any image is drawn. The stored transform is unchanged afterwards,
 also when evaluation fails.
 """
@@ -293,14 +294,9 @@ def psnr(sq_error_sum: float, mask_sum: float) -> float:
     return math.inf if mse == 0 else 20 * math.log10(2) - 10 * math.log10(mse)
 
 
-def has_input_transform(sampler: Sampler) -> bool:
-    """Whether the sampler can draw its generator's images moved (`moved(translate, rotate_deg)`)."""
-    return sampler.can_move
-
-
 def check_input_transform(sampler: Sampler, names: str) -> None:
     """One `ConfigError` line naming the metrics unless the generator has an input transform."""
-    if not has_input_transform(sampler):
+    if not sampler.can_move:
         which = f"{sampler.family} generator" if sampler.family else "this generator"
         raise ConfigError(
             f"{names} need(s) a generator with an input transform to translate/rotate its image (StyleGAN3's "
@@ -337,6 +333,7 @@ def equivariance_metrics(
     groups = -(-num // GROUP)
     rank, size = world()
     lo, hi = rank * groups // size, (rank + 1) * groups // size
+    fp32 = bool(getattr(sampler, "force_fp32", True))  # StyleGAN samplers: float16 layers on CUDA only
     rows: list[Tensor] = []
     bar = tqdm(total=num, desc="equivariance", unit="img", disable=not progress or rank != 0, leave=False)
     stopped = False
@@ -350,8 +347,8 @@ def equivariance_metrics(
         ws = G.mapping(z, c, truncation_psi=1)
 
         def render(translate: tuple[float, float], rotate_deg: float, ws: Tensor = ws) -> Tensor:
-            with sampler.moved(translate, rotate_deg):  # type: ignore[attr-defined]  # checked above
-                return G.synthesis(ws, noise_mode="const", force_fp32=True).to(torch.float32)
+            with sampler.moved(translate, rotate_deg):
+                return G.synthesis(ws, noise_mode="const", force_fp32=fp32).to(torch.float32)
 
         moves = draw_moves(moves_generator(seed, g), resolution)
         active = [k for k in kinds if reach[k] > first]  # a kind whose metrics all end before this group skips it
@@ -385,7 +382,6 @@ __all__ = [
     "check_input_transform",
     "draw_moves",
     "equivariance_metrics",
-    "has_input_transform",
     "image_errors",
     "moves_generator",
     "pseudo_rotate",

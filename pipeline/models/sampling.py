@@ -23,6 +23,7 @@ All functions run under `torch.no_grad()`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
@@ -183,6 +184,14 @@ class Sampler:
             if asked not in (value, default):
                 return f"{docs[name].flag} {asked} is not available: the graph uses {value}"
         return None
+
+    def moved(
+        self, translate: tuple[float, float] = (0.0, 0.0), rotate_deg: float = 0.0
+    ) -> contextlib.AbstractContextManager[None]:
+        """A block in which G draws its images moved by `translate` image widths and turned `rotate_deg` degrees
+        counter-clockwise; only samplers with `can_move` (StyleGAN3) have one."""
+        which = f"{self.family} generators" if self.family else "this generator"
+        raise SamplingError(f"{which} cannot be translated or rotated: they have no input transform")
 
     def graph_forward(self, z: Tensor, c: Cond, *options: Tensor) -> Tensor:
         """Images for z and c with the `graph_options` as tensors: what an exported graph computes."""

@@ -340,7 +340,8 @@ class StyleGAN3Sampler(StyleGANSampler):
         still = dataclasses.replace(opts, translate=None, rotate=None)  # the frame's transform is set around the call
         for i in range(num_frames):
             with self.input_transform(opts.transform(i / (num_frames - 1))):
-                yield self.synthesize_ws(ws, still).cpu()
+                frame = self.synthesize_ws(ws, still).cpu()
+            yield frame  # with the stored transform back: the caller may stop here or use G
 
 
 __all__ = [

@@ -56,7 +56,7 @@ class StyleGAN2LossConfig:
             (self.pl_batch_shrink >= 1, "pl_batch_shrink", self.pl_batch_shrink, "must be >= 1"),
             (0 < self.pl_decay <= 1, "pl_decay", self.pl_decay, "must be in (0, 1]"),
             (0 <= self.style_mixing_prob <= 1, "style_mixing_prob", self.style_mixing_prob, "must be in [0, 1]"),
-            (self.blur_init_sigma >= 0, "blur_init_sigma", self.blur_init_sigma, "must be >= 0"),
+            (0 <= self.blur_init_sigma < math.inf, "blur_init_sigma", self.blur_init_sigma, "must be finite and >= 0"),
             (
                 self.blur_fade_kimg is None or self.blur_fade_kimg > 0,
                 "blur_fade_kimg",
@@ -87,7 +87,7 @@ class StyleGAN2Objective(Objective):
     """The loss of StyleGAN2 and StyleGAN3 (NVIDIA trains both with one loss). `batch_size` (images per step, over
     all ranks) sets the blur's default fade."""
 
-    def __init__(self, cfg: StyleGAN2LossConfig, batch_size: int = 32) -> None:
+    def __init__(self, cfg: StyleGAN2LossConfig, batch_size: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.blur_fade_kimg = blur_fade_kimg(cfg, batch_size)

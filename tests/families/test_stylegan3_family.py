@@ -18,11 +18,13 @@ from pipeline.checkpoint import list_checkpoints, load_checkpoint
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.errors import SamplingError
+from pipeline.export import ExportedGenerator, write_export
 from pipeline.families import get_family
 from pipeline.models import stylegan2, stylegan3
 from pipeline.models.stylegan_sampling import StyleGAN3Options
 from pipeline.objectives import Networks, Phase, PhaseInputs
 from pipeline.objectives.stylegan2 import StyleGAN2LossConfig, StyleGAN2Objective, gaussian_blur
+from pipeline.schema import section_dict
 from pipeline.train import train
 from tests.conftest import REPO
 
@@ -291,3 +293,53 @@ def test_options_are_refused_where_they_cannot_apply() -> None:
     assert "--runtime torch" in sampler_cls.graph_unavailable(StyleGAN3Options(rotate=5.0), Request())
     assert sampler_cls.graph_unavailable(StyleGAN3Options(), Request()) is None
     assert not get_family("stylegan2").sampler.can_move
+
+
+def test_only_the_d_steps_generator_pass_updates_the_magnitude_emas() -> None:
+    """NVIDIA's loss: G runs with update_emas=True only when it draws D's fakes (Dmain/Dboth); the first layer's
+    EMA then becomes lerp(mean(x^2), ema, beta) of the Fourier features it was fed."""
+    cfg = load_config(str(RECIPES / "tiny.yaml"), FAST)
+    family = get_family("stylegan3")
+    spec = family.spec(cfg.model, cfg.data.resolution, cfg)
+    G, D = family.build_generator(spec), family.build_discriminator(spec)
+    objective = family.build_objective(cfg)
+    first = G.synthesis.layers()[0]
+    beta = first.magnitude_ema_beta
+    torch.manual_seed(0)
+    inputs = PhaseInputs(real_img=torch.randn(4, 3, 16, 16), real_c=None, gen_z=torch.randn(4, 8), gen_c=None)
+
+    def emas() -> list[Tensor]:
+        return [layer.magnitude_ema.clone() for layer in G.synthesis.layers()]
+
+    before = emas()
+    for phase in (Phase("Gmain", "G"), Phase("Dreg", "D", 16)):
+        objective.phase_loss(phase, Networks(G, D), inputs)
+        assert all(torch.equal(a, b) for a, b in zip(emas(), before, strict=True)), phase.name
+    objective.phase_loss(Phase("Dmain", "D"), Networks(G, D), inputs)
+    after = emas()
+    assert all(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    with torch.no_grad():
+        x = G.synthesis.input(G.mapping(inputs.gen_z, None)[:, 0])
+    torch.testing.assert_close(after[0], x.square().mean().lerp(before[0], beta))
+
+
+def test_motion_restores_the_transform_between_frames_and_conflicting_flags_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    family = get_family("stylegan3")
+    spec = family.spec(load_config(str(RECIPES / "tiny.yaml"), FAST).model, 16)
+    G = family.build_generator(spec).eval()
+    stored = stylegan3.image_transform((0.1, 0.0), 5.0)
+    G.synthesis.input.transform.copy_(stored)
+    sampler = family.make_sampler(G, family.build_conditioning(spec))
+    frames = sampler.motion_frames(0, 4, options=StyleGAN3Options(rotate=30.0))
+    next(frames)
+    next(frames)  # the caller holds a frame: G is back to its own transform
+    assert torch.equal(G.synthesis.input.transform, stored)
+    frames.close()
+    export = tmp_path / "export"
+    write_export(str(export), ExportedGenerator("stylegan3", section_dict(spec.model), 16), {"G_ema": G.state_dict()})
+    for extra in (["--out", str(tmp_path / "g.png")], ["--interpolate", "0,1"]):
+        capsys.readouterr()
+        assert main(["generate", str(export), "--motion", "3", "--rotate", "9", "--outdir", str(tmp_path), *extra]) != 0
+        assert f"--motion writes one PNG per frame into --outdir: drop {extra[0]}" in capsys.readouterr().err

@@ -20,7 +20,6 @@ import datetime
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -57,11 +56,11 @@ from pipeline.models.conditioning import ClassConditioning, NoConditioning
 from pipeline.models.stylegan3 import Generator, image_transform
 from pipeline.models.stylegan_sampling import StyleGAN3Sampler
 from tests.conftest import free_port
+from tests.export.nvlabs3_pickle import nvlabs_stylegan3_checkout
 from tests.models.nvlabs_stylegan3_fixture import fixture, fixture_config, fixture_path
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURE = fixture_path("t")
-MIRROR = Path("/work/.mirror/NVlabs+stylegan3/repo")
 RES = 32
 ALL = ["eqt16_int", "eqt16_frac", "eqr16"]
 
@@ -397,17 +396,7 @@ _NVIDIA_SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="session")
 def nvidia_checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkout of NVlabs/stylegan3: GANPIPE_NVLABS_STYLEGAN3_CHECKOUT, else a clone of the local mirror."""
-    given = os.environ.get("GANPIPE_NVLABS_STYLEGAN3_CHECKOUT")
-    if given:
-        if not (Path(given) / "metrics" / "equivariance.py").is_file():
-            pytest.fail(f"GANPIPE_NVLABS_STYLEGAN3_CHECKOUT={given} has no metrics/equivariance.py")
-        return Path(given)
-    if not MIRROR.exists() or shutil.which("git") is None:
-        pytest.skip(f"no NVIDIA checkout: set GANPIPE_NVLABS_STYLEGAN3_CHECKOUT (no mirror at {MIRROR} to clone)")
-    out = tmp_path_factory.mktemp("nvlabs") / "stylegan3"
-    subprocess.run(["git", "clone", "-q", str(MIRROR), str(out)], check=True, capture_output=True, timeout=120)
-    return out
+    return nvlabs_stylegan3_checkout(tmp_path_factory.mktemp("nvlabs"))
 
 
 @cache

@@ -111,7 +111,9 @@ def _train_and_compare(
     ref_G, ref_D = Generator(cfg64(0), RES), Discriminator(cfg64(0), RES)
     ref_G.load_state_dict(low_G.state_dict())
     ref_D.load_state_dict(low_D.state_dict())
-    obj = StyleGAN2Objective(StyleGAN2LossConfig(r1_gamma=1.0, d_reg_interval=16, pl_weight=2.0, g_reg_interval=8))
+    obj = StyleGAN2Objective(
+        StyleGAN2LossConfig(r1_gamma=1.0, d_reg_interval=16, pl_weight=2.0, g_reg_interval=8), batch_size=4
+    )
     phases = obj.phases()
     opts = {
         "G": torch.optim.Adam(low_G.parameters(), lr=0.0025, betas=(0.0, 0.99)),
@@ -172,7 +174,7 @@ def test_regularization_passes_ignore_fp16_layers() -> None:
     G32, D32 = Generator(cfg64(0), RES), Discriminator(cfg64(0), RES)
     G32.load_state_dict(G16.state_dict())
     D32.load_state_dict(D16.state_dict())
-    obj = StyleGAN2Objective(StyleGAN2LossConfig())
+    obj = StyleGAN2Objective(StyleGAN2LossConfig(), batch_size=4)
     inputs = PhaseInputs(torch.rand(4, 3, RES, RES) * 2 - 1, None, torch.randn(4, 16), None)
     for phase in (Phase("Dreg", "D", 16), Phase("Greg", "G", 4)):
         pl_mean = obj.path_length.pl_mean.clone()
