@@ -93,23 +93,30 @@ class DiscriminatorConfig:
 
 
 @dataclass
-class StyleGAN2Config:
+class StyleModelConfig:
+    """What every style-based model section has (StyleGAN2's and StyleGAN3's): the latent sizes, the classes and
+    the image channels. Subclasses add their `mapping`, `synthesis` and `discriminator` sections, each of which
+    validates itself."""
+
     z_dim: int = 512
     w_dim: int = 512
     c_dim: int = 0  # number of classes for class-conditional training; 0 = unconditional
     img_channels: int = 3
-    mapping: MappingConfig = field(default_factory=MappingConfig)
-    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
-    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
     def validate(self, prefix: str) -> None:
         require(self.z_dim >= 1, f"{prefix}.z_dim", self.z_dim, "must be >= 1")
         require(self.w_dim >= 1, f"{prefix}.w_dim", self.w_dim, "must be >= 1")
         require(self.c_dim >= 0, f"{prefix}.c_dim", self.c_dim, "must be >= 0")
         require(self.img_channels in (1, 3, 4), f"{prefix}.img_channels", self.img_channels, "must be 1, 3 or 4")
-        self.mapping.validate(f"{prefix}.mapping")
-        self.synthesis.validate(f"{prefix}.synthesis")
-        self.discriminator.validate(f"{prefix}.discriminator")
+        for name in ("mapping", "synthesis", "discriminator"):
+            getattr(self, name).validate(f"{prefix}.{name}")
+
+
+@dataclass
+class StyleGAN2Config(StyleModelConfig):
+    mapping: MappingConfig = field(default_factory=MappingConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
 
 
 def fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
@@ -434,28 +441,21 @@ class SynthesisNetwork(nn.Module):
         return img
 
 
-class Generator(nn.Module):
-    """G(z, c) = synthesis(mapping(z, c)). Images are float in roughly [-1, 1]."""
+class StyleGenerator(nn.Module):
+    """G(z, c) = synthesis(mapping(z, c)), the generator of every style-based family. Images are float in roughly
+    [-1, 1]. A family's generator builds its synthesis network (which knows its `num_ws`) and passes it here; the
+    mapping network follows from the config (built after the synthesis network, as NVIDIA's code does, so that
+    seeded initialisations match)."""
 
-    def __init__(self, cfg: StyleGAN2Config, img_resolution: int) -> None:
+    def __init__(self, cfg: StyleModelConfig, img_resolution: int, synthesis: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
         self.z_dim, self.c_dim, self.w_dim = cfg.z_dim, cfg.c_dim, cfg.w_dim
         self.img_resolution = img_resolution
         self.img_channels = cfg.img_channels
-        s = cfg.synthesis
-        self.synthesis = SynthesisNetwork(
-            cfg.w_dim,
-            img_resolution,
-            cfg.img_channels,
-            architecture=s.architecture,
-            channel_base=s.channel_base,
-            channel_max=s.channel_max,
-            conv_clamp=s.conv_clamp,
-            num_fp16_res=s.num_fp16_res,
-        )
-        self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork.from_config(cfg, self.num_ws)
+        self.synthesis = synthesis
+        self.num_ws: int = synthesis.num_ws
+        self.mapping = MappingNetwork.from_config(cfg, self.num_ws)  # type: ignore[arg-type]  # subclasses' cfg
 
     def forward(
         self,
@@ -469,7 +469,27 @@ class Generator(nn.Module):
         force_fp32: bool = False,
     ) -> Tensor:
         ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas=update_emas)
-        return self.synthesis(ws, noise_mode=noise_mode, fused_modconv=fused_modconv, force_fp32=force_fp32)
+        return self.synthesis(
+            ws, noise_mode=noise_mode, fused_modconv=fused_modconv, force_fp32=force_fp32, update_emas=update_emas
+        )
+
+
+class Generator(StyleGenerator):
+    """StyleGAN2's generator: the synthesis network of `cfg.synthesis` behind the mapping network."""
+
+    def __init__(self, cfg: StyleGAN2Config, img_resolution: int) -> None:
+        s = cfg.synthesis
+        synthesis = SynthesisNetwork(
+            cfg.w_dim,
+            img_resolution,
+            cfg.img_channels,
+            architecture=s.architecture,
+            channel_base=s.channel_base,
+            channel_max=s.channel_max,
+            conv_clamp=s.conv_clamp,
+            num_fp16_res=s.num_fp16_res,
+        )
+        super().__init__(cfg, img_resolution, synthesis)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from pipeline.errors import require
 from pipeline.models import stylegan2
-from pipeline.models.stylegan2 import DiscriminatorConfig, MappingNetwork, NoiseMode
+from pipeline.models.stylegan2 import DiscriminatorConfig, NoiseMode, StyleGenerator, StyleModelConfig
 from pipeline.nn import FullyConnectedLayer
 from pipeline.ops import filtered_lrelu, modulated_conv2d
 
@@ -111,25 +111,12 @@ class SynthesisConfig:
 
 
 @dataclass
-class StyleGAN3Config:
+class StyleGAN3Config(StyleModelConfig):
     """The StyleGAN3 model section. `discriminator` is StyleGAN2's (NVIDIA trains StyleGAN3 with it)."""
 
-    z_dim: int = 512
-    w_dim: int = 512
-    c_dim: int = 0  # number of classes for class-conditional training; 0 = unconditional
-    img_channels: int = 3
     mapping: MappingConfig = field(default_factory=MappingConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-
-    def validate(self, prefix: str) -> None:
-        require(self.z_dim >= 1, f"{prefix}.z_dim", self.z_dim, "must be >= 1")
-        require(self.w_dim >= 1, f"{prefix}.w_dim", self.w_dim, "must be >= 1")
-        require(self.c_dim >= 0, f"{prefix}.c_dim", self.c_dim, "must be >= 0")
-        require(self.img_channels in (1, 3, 4), f"{prefix}.img_channels", self.img_channels, "must be 1, 3 or 4")
-        self.mapping.validate(f"{prefix}.mapping")
-        self.synthesis.validate(f"{prefix}.synthesis")
-        self.discriminator.validate(f"{prefix}.discriminator")
 
 
 def nvlabs_preset(
@@ -561,8 +548,8 @@ class SynthesisNetwork(nn.Module):
         return x.to(torch.float32)
 
 
-class Generator(nn.Module):
-    """G(z, c) = synthesis(mapping(z, c)). Images are float in roughly [-1, 1].
+class Generator(StyleGenerator):
+    """StyleGAN3's generator: the alias-free synthesis network behind StyleGAN2's mapping network.
 
     magnitude_ema_beta: decay of every layer's input-magnitude EMA per update_emas=True call; training builders
     pass `magnitude_ema_beta(batch_size)` (NVIDIA's rule), the default is NVIDIA's layer default 0.999.
@@ -571,32 +558,10 @@ class Generator(nn.Module):
     def __init__(
         self, cfg: StyleGAN3Config, img_resolution: int, magnitude_ema_beta: float = DEFAULT_MAGNITUDE_EMA_BETA
     ) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.z_dim, self.c_dim, self.w_dim = cfg.z_dim, cfg.c_dim, cfg.w_dim
-        self.img_resolution = img_resolution
-        self.img_channels = cfg.img_channels
-        self.synthesis = SynthesisNetwork(
+        synthesis = SynthesisNetwork(
             cfg.w_dim, img_resolution, cfg.img_channels, cfg.synthesis, magnitude_ema_beta=magnitude_ema_beta
         )
-        self.num_ws = self.synthesis.num_ws
-        self.mapping = MappingNetwork.from_config(cfg, self.num_ws)
-
-    def forward(
-        self,
-        z: Tensor,
-        c: Tensor | None,
-        truncation_psi: float = 1.0,
-        truncation_cutoff: int | None = None,
-        update_emas: bool = False,
-        noise_mode: NoiseMode = "random",
-        fused_modconv: bool | None = None,
-        force_fp32: bool = False,
-    ) -> Tensor:
-        ws = self.mapping(z, c, truncation_psi, truncation_cutoff, update_emas=update_emas)
-        return self.synthesis(
-            ws, noise_mode=noise_mode, fused_modconv=fused_modconv, force_fp32=force_fp32, update_emas=update_emas
-        )
+        super().__init__(cfg, img_resolution, synthesis)
 
 
 __all__ = [

@@ -315,6 +315,18 @@ class ComparisonInfo:
     stand_ins: list[str] = field(default_factory=list)
     has_phases: bool = False  # the reference's steps are timed per phase (a column in the parts table)
 
+    @classmethod
+    def of(cls, kind: ReferenceKind, checkout: Path, **details: Any) -> ComparisonInfo:
+        """The record of reference `kind` run from `checkout` (its commit read from git); `details`: the rest."""
+        return cls(
+            name=kind.name,
+            title=kind.title,
+            repository=kind.repository,
+            checkout=str(checkout),
+            commit=checkout_commit(checkout),
+            **details,
+        )
+
 
 def _mode_and_state(modules: Sequence[nn.Module]) -> contextlib.AbstractContextManager[None]:
     """Restore the modules' tensors (parameters and buffers) and train/eval modes on exit."""
@@ -489,12 +501,9 @@ class NVLabsReference(Reference):
         self.ema_kimg = t.ema_kimg if t.ema_kimg is not None else self.batch * 10 / 32
         self.ema_rampup = t.ema_rampup
         on_cpu = "on the CPU its PyTorch reference implementations (its CUDA plugins are not built)"
-        self.info = ComparisonInfo(
-            name=self.kind.name,
-            title=self.kind.title,
-            repository=self.kind.repository,
-            checkout=str(checkout),
-            commit=checkout_commit(checkout),
+        self.info = ComparisonInfo.of(
+            self.kind,
+            checkout,
             timed="its `training/loss.py` StyleGAN2Loss.accumulate_gradients for each phase that is due, with its "
             "training loop's step around it (per phase: fresh latents, the network made trainable, nan_to_num on "
             "the gradients, one Adam per network with the lazy-regularization lr/betas; then G_ema) on its "
@@ -669,12 +678,9 @@ class BigGANPyTorchReference(Reference):
         self.state_dict: dict[str, Any] = {"itr": 0, "epoch": 0, "config": config}
         self.train_step = train_fns.GAN_training_function(self.G, self.D, GD, z_, y_, ema, self.state_dict, config)
         loss_words = "hinge" if lc.kind == "hinge" else "DCGAN (non-saturating)"
-        self.info = ComparisonInfo(
-            name=self.kind.name,
-            title=self.kind.title,
-            repository=self.kind.repository,
-            checkout=str(checkout),
-            commit=checkout_commit(checkout),
+        self.info = ComparisonInfo.of(
+            self.kind,
+            checkout,
             timed=f"its `train_fns.GAN_training_function` ({k} D steps on fresh real batches through its `G_D`, "
             f"{loss_words} losses from `losses.py`, `utils.ortho` when on, the G step, `utils.ema`), one call per {k} "
             f"engine steps, on its `{module_name}.py` G and D",
