@@ -118,6 +118,9 @@ class TrainConfig:
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # collectives: auto = NCCL on GPU, gloo on CPU
     strategy: Literal["phase_sync"] = "phase_sync"  # gradient sync across ranks (pipeline.train.strategy)
     sync_batchnorm: bool = False  # batch-norm statistics over all ranks (BigGAN-class models)
+    compile: bool = False  # torch.compile G and D for the main phases (pipeline.train.compile; README "Performance")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    channels_last: bool = False  # G's and D's 4-D weights (and so their activations) in NHWC memory order
     requeue_signal: str | None = "USR1"  # Slurm's pre-timeout signal: checkpoint, requeue, exit; null = ignore it
     samples_every_kimg: float = 50
     checkpoint_every_kimg: float = 50

@@ -49,7 +49,7 @@ class SpectralNorm:
         self.register_buffer("sv0", torch.ones(1))  # type: ignore[attr-defined]
 
     def _matrix(self) -> Tensor:
-        return self.weight.view(self.weight.shape[0], -1)
+        return self.weight.reshape(self.weight.shape[0], -1)  # reshape: a channels_last weight is not viewable
 
     @torch.no_grad()
     def _power_step(self, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:

@@ -37,6 +37,9 @@ class Phase:
     net: Net | tuple[Net, ...]  # the network(s) this phase trains (their optimizers step)
     interval: int = 1
     offset: int = 0
+    # The loss differentiates a gradient (R1, path length). Under `train.compile` such a phase runs its networks
+    # eagerly: AOTAutograd, which compiled graphs train through, has no double backward.
+    double_backward: bool = False
 
     def __post_init__(self) -> None:
         if self.interval < 1 or not 0 <= self.offset < self.interval:
@@ -95,6 +98,12 @@ class Objective(nn.Module, abc.ABC):
     def reg_interval(self, net: Net) -> int | None:
         """Lazy-regularization interval of `net`'s optimizer (None when it is regularized every step or never)."""
         return None
+
+    def compile_units(self, nets: Networks) -> list[nn.Module]:
+        """The modules `phase_loss` calls, which `train.compile` compiles (each in place, so parameters, state
+        dicts and optimizers are untouched). An objective that calls parts of a network (StyleGAN's mapping and
+        synthesis) names those parts; what runs between them stays eager."""
+        return [nets.G, nets.D, *nets.extra.values()]
 
     def learning_rate(self, net: Net, optim: Any) -> float:
         """Adam's learning rate for `net` from the `optim` config section (G: g_lr, D: d_lr). A family that trains

@@ -112,15 +112,19 @@ class StyleGAN2Objective(Objective):
         phases = [Phase("Gmain", "G")]
         g_interval = self.reg_interval("G")
         if g_interval is not None:
-            phases.append(Phase("Greg", "G", g_interval))
+            phases.append(Phase("Greg", "G", g_interval, double_backward=True))
         d_interval = self.reg_interval("D")
         if d_interval is not None or self.cfg.r1_gamma == 0:
             phases.append(Phase("Dmain", "D"))
             if d_interval is not None:
-                phases.append(Phase("Dreg", "D", d_interval))
-        else:
-            phases.append(Phase("Dboth", "D"))  # R1 every step, in the same backward as the main loss
+                phases.append(Phase("Dreg", "D", d_interval, double_backward=True))
+        else:  # R1 every step, in the same backward as the main loss
+            phases.append(Phase("Dboth", "D", double_backward=True))
         return phases
+
+    def compile_units(self, nets: Networks) -> list[nn.Module]:
+        # run_G calls the mapping twice (style mixing) and mixes between the calls
+        return [nets.G.mapping, nets.G.synthesis, nets.D]
 
     # ------------------------------------------------------------------------------------------------------------
     # Forward passes

@@ -29,14 +29,17 @@ step moves its batch to the device (from pinned memory on CUDA). No dataset on d
             compute the same outputs first), its own optimizers and EMA, fed the same batches at the same step
             indices. Without a path the report says in one line that the comparison was skipped.
 
-Schedule: W warm-up steps of each side, then R repeats of N engine steps and N bare steps (and N reference
-steps), the order alternating between repeats (engine, bare, reference; then reversed: so slow drift of the machine
-favours none). The bare loop (and the reference) replays the engine's step indices, so lazily regularized phases
-(R1 every 16 steps, G every k-th step, ...) run equally often on every side; N defaults to a multiple of every
-phase's interval. Each engine repeat is one `Trainer.fit`; a step is timed from Lightning's
-`on_train_batch_start` to the next one, so it covers the whole loop (batch transfer, training_step, callbacks,
-logger writes). Parts of a step are timed by marks around the engine's own methods (`BenchTask`), which leave
-what they do unchanged; on CUDA every mark synchronizes the device, on both sides alike.
+Schedule: W warm-up steps of each side (W >= 1 is raised until every phase has run once: a phase's first run pays
+for its lazy setup, with `train.compile` for compiling its graphs), then R repeats of N engine steps and N bare
+steps (and N reference steps), the order alternating between repeats (engine, bare, reference; then reversed: so
+slow drift of the machine favours none). The bare loop (and the reference) replays the engine's step indices, so
+lazily regularized phases (R1 every 16 steps, G every k-th step, ...) run equally often on every side; N defaults to
+a multiple of every phase's interval. With `train.compile` a fourth side, eager, is the bare loop with every
+compiled module called eagerly: the compiled bare loop against it is compile's speed-up. Each engine repeat is one
+`Trainer.fit`; a step is timed from Lightning's `on_train_batch_start` to the next one, so it covers the whole loop
+(batch transfer, training_step, callbacks, logger writes). Parts of a step are timed by marks around the engine's
+own methods (`BenchTask`), which leave what they do unchanged; on CUDA every mark synchronizes the device, on both
+sides alike.
 
 Parts: each of the objective's phases by name (latents, forward and backward over the accumulation rounds: from
 drawing its latents to its optimizer step); gradient sync + optimizer step of all phases (the engine's includes
@@ -93,6 +96,7 @@ from pipeline.train.bench_timing import (
     process_started_at,
 )
 from pipeline.train.callbacks import KimgCheckpoint, SampleGrid
+from pipeline.train.compile import phase_context
 from pipeline.train.console import quiet_lightning
 from pipeline.train.ema import ema_beta, update_ema
 from pipeline.train.run import _ops_impl, build_trainer
@@ -267,9 +271,9 @@ def _engine_fit(
 
 
 def _bare_steps(
-    task: BenchTask, pool: list[dict[str, Any]], first_step: int, steps: int, timed: bool
+    task: BenchTask, pool: list[dict[str, Any]], first_step: int, steps: int, timed: bool, side: str = "bare"
 ) -> SideRun | None:
-    """`steps` steps of the plain loop at step indices `first_step`.. (see the module docstring)."""
+    """`steps` steps of the plain loop at step indices `first_step`.. (see the module docstring), timed as `side`."""
     cfg, t, timer, device = task.cfg, task.cfg.train, task.timer, task.timer.device
     assert task.bench_optimizers is not None, "the engine runs first: it makes the optimizers"
     # Lightning's teardown moved the networks and optimizer states to the CPU: back to the device, in the modes
@@ -311,8 +315,9 @@ def _bare_steps(
                         real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), task.augment,
                         cur_nimg=task.cur_nimg, step=step,
                     )  # fmt: skip
-                    loss, _ = objective.phase_loss(phase, nets, inputs)
-                    (loss * (chunk / n) if chunk < n else loss).backward()
+                    with phase_context(phase):
+                        loss, _ = objective.phase_loss(phase, nets, inputs)
+                        (loss * (chunk / n) if chunk < n else loss).backward()
                 timer.end(phase.name)
                 with timer.part(SYNC):
                     for opt in opts:
@@ -323,7 +328,7 @@ def _bare_steps(
                 with timer.part(EMA):
                     beta = ema_beta(n, ema_kimg, t.ema_rampup, max(task.cur_nimg, n))
                     update_ema(task.G_ema, task.G, beta)
-    return timer.stop_window("bare", first_step, steps) if timed else None
+    return timer.stop_window(side, first_step, steps) if timed else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,6 +354,8 @@ class BenchResult:
     first_step_at: float | None = None  # the first optimizer step (engine, warm-up)
     load_before: float | None = None  # the 1-minute load average when the benchmark began (other processes)
     reference: list[SideRun] = field(default_factory=list)  # --compare: the reference codebase's steps
+    eager: list[SideRun] = field(default_factory=list)  # train.compile: the bare loop with every module eager
+    warmup_s: dict[str, float] = field(default_factory=dict)  # each side's warm-up steps, seconds
     comparison: ComparisonInfo | None = None  # --compare: what the reference is
     compare_skipped: str | None = None  # no comparison: the one line that says why
 
@@ -357,7 +364,7 @@ class BenchResult:
         return self.cfg.data.batch_size
 
     def side_runs(self, side: str) -> list[SideRun]:
-        return {"engine": self.engine, "bare": self.bare, "reference": self.reference}[side]
+        return {"engine": self.engine, "bare": self.bare, "reference": self.reference, "eager": self.eager}[side]
 
     def step_s(self, side: str) -> float:
         runs = self.side_runs(side)
@@ -507,7 +514,7 @@ def _run(
         phases=list(task.phases),
         params={n: sum(p.numel() for p in task.net(n).parameters()) for n in task.net_names},
         steps=steps or default_steps(task.phases),
-        warmup=warmup,
+        warmup=warmup and max(warmup, *(p.offset + 1 for p in task.phases)),
         repeats=repeats,
         callbacks=callbacks,
         started_at=process_started_at(),
@@ -542,13 +549,16 @@ def _run(
             f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     else:
         result.compare_skipped = skip_line(cfg.family, request)
-    sides = ["engine", "bare"] + (["reference"] if reference is not None else [])
+    sides = ["engine", "bare"] + (["eager"] if cfg.train.compile else []) + (["reference"] if reference else [])
 
     def run_side(side: str, first: int, steps: int, timed: bool) -> None:
         if side == "engine":
             run = _engine_fit(task, pool, steps, timed, extra)
         elif side == "bare":
             run = _bare_steps(task, pool, first, steps, timed)
+        elif side == "eager":  # the same loop with every compiled module called eagerly
+            with torch.compiler.set_stance("force_eager"):
+                run = _bare_steps(task, pool, first, steps, timed, side)
         else:
             assert reference is not None
             per_call = reference.steps_per_call()
@@ -557,12 +567,15 @@ def _run(
             assert run is not None
             result.side_runs(side).append(run)
 
+    warmup = result.warmup
     if warmup:
-        t0 = time.perf_counter()
         first = task.step_idx
         for side in sides:
+            t0 = time.perf_counter()
             run_side(side, first, warmup, False)
-        say(f"bench train: warm-up, {warmup} steps per side: {time.perf_counter() - t0:.1f} s")
+            result.warmup_s[side] = time.perf_counter() - t0
+        times = ", ".join(f"{side} {s:.1f} s" for side, s in result.warmup_s.items())
+        say(f"bench train: warm-up, {warmup} steps per side: {times}")
     for r in range(repeats):
         first = task.step_idx
         for side in sides if r % 2 == 0 else sides[::-1]:
@@ -572,6 +585,8 @@ def _run(
             f"bench train: repeat {r + 1}/{repeats}: engine {1000 * e.step_s:.1f} ms/step, bare "
             f"{1000 * b.step_s:.1f} ms/step, ratio {e.step_s / b.step_s:.3f}"
         )
+        if cfg.train.compile:
+            line += f"; eager {1000 * result.eager[-1].step_s:.1f} ms/step"
         if reference is not None:
             ref = result.reference[-1]
             line += f"; {reference.kind.name} {1000 * ref.step_s:.1f} ms/step, engine / {reference.kind.name} " + (
@@ -612,6 +627,12 @@ def _gib(b: int) -> str:
     return f"{b / 2**30:.2f}"
 
 
+def _peak_cell(res: BenchResult, side: str) -> str:
+    """A side's highest peak over its repeats, GiB, with its growth over the memory in use when its steps began."""
+    run = max(res.side_runs(side), key=lambda r: r.peak_bytes)
+    return f"{_gib(run.peak_bytes)} (+{_gib(max(run.peak_bytes - run.base_bytes, 0))})"
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
@@ -646,7 +667,6 @@ def _comparison_lines(res: BenchResult, info: ComparisonInfo, peak_label: str) -
     name, r_s = info.name, res.step_s("reference")
     commit = f"commit {info.commit}" if info.commit else "commit unknown (not the top of a git work tree)"
     check = ", ".join(f"{k} {v:.2g}" for k, v in info.check.items())
-    peak = max(res.reference, key=lambda r: r.peak_bytes)
     lines = [
         f"Side by side with {info.title} (`--compare {name}=PATH`):",
         "",
@@ -665,7 +685,7 @@ def _comparison_lines(res: BenchResult, info: ComparisonInfo, peak_label: str) -
         f"| img/s | {res.batch / r_s:.1f} | | |",
         f"| s/kimg | {1000 * r_s / res.batch:.2f} | | |",
         f"| ms/step | {_ms(1000 * r_s)} | {res.step_s('engine') / r_s:.3f} | {res.step_s('bare') / r_s:.3f} |",
-        f"| {peak_label} | {_gib(peak.peak_bytes)} (+{_gib(max(peak.peak_bytes - peak.base_bytes, 0))}) | | |",
+        f"| {peak_label} | {_peak_cell(res, 'reference')} | | |",
         "",
     ]
     words = []
@@ -681,6 +701,38 @@ def _comparison_lines(res: BenchResult, info: ComparisonInfo, peak_label: str) -
         "",
     ]
     return lines
+
+
+def _compile_lines(res: BenchResult, peak_label: str) -> list[str]:
+    """The train.compile section: the compiled bare loop against the same loop eager, and the compile time."""
+    c_s, x_s = res.step_s("bare"), res.step_s("eager")
+    ratios = res.ratios_between("eager", "bare")
+    median = statistics.median(ratios)
+    eager_phases = [p.name for p in res.phases if p.double_backward]
+    if res.warmup and "engine" in res.warmup_s:
+        compile_s = res.warmup_s["engine"] - res.warmup * res.step_s("engine")
+        compile_words = (
+            f"Compile time: {compile_s:.1f} s, the engine's {_count(res.warmup, 'warm-up step')} (run first, every "
+            f"phase once, so they compile every graph: {res.warmup_s['engine']:.1f} s) less as many steady engine "
+            "steps."
+        )
+    else:
+        compile_words = "Compile time: not measured (--warmup 0: the first timed steps compiled the graphs)."
+    return [
+        f"`train.compile` (mode {res.cfg.train.compile_mode}): the bare loop compiled and the same loop with every "
+        "module eager, alternating in the same repeats:",
+        "",
+        "| | compiled | eager | eager / compiled |",
+        "| --- | ---: | ---: | ---: |",
+        f"| img/s | {res.batch / c_s:.1f} | {res.batch / x_s:.1f} | |",
+        f"| ms/step | {_ms(1000 * c_s)} | {_ms(1000 * x_s)} | {x_s / c_s:.3f} |",
+        f"| {peak_label} | {_peak_cell(res, 'bare')} | {_peak_cell(res, 'eager')} | |",
+        "",
+        f"Speed-up from compiling: {median:.3f}x (median of {_count(len(ratios), 'repeat')}, range "
+        f"{min(ratios):.3f}-{max(ratios):.3f}). {compile_words} "
+        + (f"Eager in every mode: {', '.join(eager_phases)} (double backward)." if eager_phases else ""),
+        "",
+    ]
 
 
 def format_report(result: BenchResult) -> str:
@@ -710,7 +762,7 @@ def format_report(result: BenchResult) -> str:
     ratios = res.ratios
     extra = res.outside_phases_ms()
     lo, hi = min(ratios), max(ratios)
-    peak = {side: max(runs, key=lambda r: r.peak_bytes) for side, runs in (("engine", res.engine), ("bare", res.bare))}
+    peak_label = MEMORY_LABELS.get(res.memory_kind, "peak memory, GiB")
     lines += [
         "",
         "| | engine | bare loop | engine / bare |",
@@ -718,12 +770,7 @@ def format_report(result: BenchResult) -> str:
         f"| img/s | {res.batch / e_s:.1f} | {res.batch / b_s:.1f} | |",
         f"| s/kimg | {1000 * e_s / res.batch:.2f} | {1000 * b_s / res.batch:.2f} | |",
         f"| ms/step | {_ms(1000 * e_s)} | {_ms(1000 * b_s)} | {e_s / b_s:.3f} |",
-        f"| {MEMORY_LABELS.get(res.memory_kind, 'peak memory, GiB')} | "
-        + " | ".join(
-            f"{_gib(peak[s].peak_bytes)} (+{_gib(max(peak[s].peak_bytes - peak[s].base_bytes, 0))})"
-            for s in ("engine", "bare")
-        )
-        + " | |",
+        f"| {peak_label} | {_peak_cell(res, 'engine')} | {_peak_cell(res, 'bare')} | |",
         "",
         f"Engine overhead: {100 * extra / (1000 * b_s):+.1f}% of the bare step ({_signed(extra)} ms/step): what the "
         "engine spends outside the phases beyond the bare loop (sync and optimizer step, data, logging, callbacks, "
@@ -733,30 +780,38 @@ def format_report(result: BenchResult) -> str:
         "noisy the machine is.",
         "",
     ]
+    if res.eager:
+        lines += _compile_lines(res, peak_label)
     info = res.comparison
     if info is not None:
-        lines += _comparison_lines(res, info, peak_label=MEMORY_LABELS.get(res.memory_kind, "peak memory, GiB"))
+        lines += _comparison_lines(res, info, peak_label=peak_label)
     elif res.compare_skipped is not None:
         lines += [res.compare_skipped, ""]
     ref_column = info is not None and info.has_phases
     ref_head = f" {info.name} |" if ref_column and info is not None else ""
+    eager_head = " bare loop, eager |" if res.eager else ""
     lines += [
-        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |{ref_head}",
-        "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if ref_column else ""),
+        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |{eager_head}"
+        f"{ref_head}",
+        "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if res.eager else "") + (" ---: |" if ref_column else ""),
     ]
     engine_runs = res.runs("engine")
     bare_rows = dict(res.breakdown("bare"))
+    eager_rows = dict(res.breakdown("eager")) if res.eager else {}
     ref_rows = dict(res.breakdown("reference")) if ref_column else {}
     for name, e_ms in res.breakdown("engine"):
         b_ms = bare_rows[name]
         label = ROW_LABELS.get(name, name)
         runs = str(engine_runs.get(name, 0)) if name not in ("body_rest", "loop_rest") else ""
         diff = _signed(e_ms - b_ms) if e_ms is not None and b_ms is not None else ""
+        eager_cell = f" {_ms(eager_rows[name])} |" if res.eager else ""
         ref_cell = f" {_ms(ref_rows[name])} |" if ref_column else ""
-        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |{ref_cell}")
+        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |{eager_cell}{ref_cell}")
+    eager_step = f" **{_ms(1000 * res.step_s('eager'))}** |" if res.eager else ""
     ref_step = f" **{_ms(1000 * res.step_s('reference'))}** |" if ref_column else ""
     lines.append(
         f"| **step** | {n_total} | **{_ms(1000 * e_s)}** | **{_ms(1000 * b_s)}** | {_signed(1000 * (e_s - b_s))} |"
+        + eager_step
         + ref_step
     )
     lines += [

@@ -29,7 +29,7 @@ SYNC, EMA, DATA, LOGGING, CALLBACKS, BODY = "sync", "ema", "data", "logging", "c
 class SideRun:
     """One side's timed steps in one repeat."""
 
-    side: str  # "engine", "bare" or "reference"
+    side: str  # "engine", "bare", "eager" (train.compile) or "reference"
     first_step: int  # step index of the first timed step
     steps: int
     seconds: float  # wall time of the steps

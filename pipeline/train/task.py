@@ -46,6 +46,7 @@ from pipeline.families import get_family
 from pipeline.models.conditioning import Cond, index_c
 from pipeline.models.sampling import Sampler
 from pipeline.objectives import Networks, Phase, PhaseInputs
+from pipeline.train.compile import phase_context, prepare_networks
 from pipeline.train.distributed import rank_seed
 from pipeline.train.ema import ema_beta, update_ema
 from pipeline.train.strategy import build_sync
@@ -84,6 +85,8 @@ class GANTask(L.LightningModule):
             raise ConfigError(f"family {cfg.family!r}: phases train {unknown}, which it does not build")
         # What each network trains, fixed now (after freeze_d): the phases toggle exactly these parameters.
         self._trainable = {n: [p for p in self.net(n).parameters() if p.requires_grad] for n in self.net_names}
+        # After G_ema's copy, which stays eager and contiguous (sampling, evaluation and export use it).
+        prepare_networks(cfg.train, self.objective, self.networks())
         self.sync = build_sync(cfg)
         self.z_dim: int = int(self.G.z_dim)
 
@@ -255,8 +258,9 @@ class GANTask(L.LightningModule):
                     real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), self.augment,
                     cur_nimg=self.cur_nimg, step=self.step_idx,
                 )  # fmt: skip
-                loss, phase_stats = self.objective.phase_loss(phase, self.networks(), inputs)
-                self.sync.backward(self, loss * (chunk / n) if chunk < n else loss)
+                with phase_context(phase):
+                    loss, phase_stats = self.objective.phase_loss(phase, self.networks(), inputs)
+                    self.sync.backward(self, loss * (chunk / n) if chunk < n else loss)
                 for name, value in phase_stats.items():
                     weighted = value.detach() * (chunk / n)
                     stats[name] = stats[name] + weighted if name in stats and start > 0 else weighted

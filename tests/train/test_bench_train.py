@@ -122,3 +122,22 @@ def test_bad_input_is_one_line(capsys, args: list[str], message: str) -> None:
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], captured.err
+
+
+def test_compile_adds_the_eager_side(capsys, one_torch_thread) -> None:
+    """With `train.compile=true` the bare loop also runs eagerly, alternating: its column, the speed-up and the
+    compile time are printed, and the compiled parts still add up to the step (BigGAN: G and D compiled whole,
+    with spectral norm's in-place power iteration and batch norm's running statistics inside the graphs)."""
+    code = main(["bench", "train", BIGGAN_TINY, *BIGGAN_FAST, "train.compile=true", "--steps", "2", *QUICK])
+    out = capsys.readouterr().out
+    assert code == 0
+    check_table(out, {"Dmain": 2, "Gmain": 1}, steps=2)
+    head = "| part (ms per step, mean of 2 steps) | runs | engine | bare loop | engine − bare | bare loop, eager |"
+    assert head in out
+    # --warmup 1 is raised to 2: BigGAN's G phase first runs at step 1, and its graphs compile in the warm-up
+    assert "- 2 warm-up steps per side" in out
+    assert re.search(r"Speed-up from compiling: \d+\.\d{3}x \(median of 1 repeat", out), out
+    assert re.search(r"Compile time: -?\d+\.\d s, the engine's 2 warm-up steps", out), out
+    step_row = next(line for line in out.splitlines() if line.startswith("| **step** |"))
+    eager_ms = _number(step_row.strip().strip("|").split("|")[5])
+    assert eager_ms is not None and eager_ms > 0
