@@ -553,7 +553,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, default=None, help="timed steps per side and repeat (default: a multiple of every "
         "phase's interval, at least 8)",
     )  # fmt: skip
-    s.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default 2)")
+    s.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per side first (default 2; raised until every phase ran once)",
+    )
     s.add_argument("--repeats", type=int, default=3, help="alternating engine/bare repeats (default 3)")
     s.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     s.add_argument(

@@ -120,7 +120,7 @@ class TrainConfig:
     sync_batchnorm: bool = False  # batch-norm statistics over all ranks (BigGAN-class models)
     compile: bool = False  # torch.compile G and D for the main phases (pipeline.train.compile; README "Performance")
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
-    channels_last: bool = False  # G's and D's 4-D weights (and so their activations) in NHWC memory order
+    channels_last: bool = False  # G's and D's 4-D weights in NHWC memory order (convolutions then prefer NHWC)
     requeue_signal: str | None = "USR1"  # Slurm's pre-timeout signal: checkpoint, requeue, exit; null = ignore it
     samples_every_kimg: float = 50
     checkpoint_every_kimg: float = 50

@@ -2,9 +2,10 @@
 phases run compiled.
 
 Contract:
-- `prepare_networks(cfg, objective, nets)` puts every trained network's 4-D weights in channels_last memory order
+- `prepare_networks(train, objective, nets)` puts every trained network's 4-D weights in channels_last memory order
   when `train.channels_last` is on, and with `train.compile` compiles in place (`nn.Module.compile`) each module the
-  objective calls (`Objective.compile_units`: StyleGAN's mapping, synthesis and D; G and D elsewhere), mode
+  objective calls (`Objective.compile_units`: StyleGAN's mapping, synthesis and D; G, D and the family's further
+  trained networks elsewhere), mode
   `train.compile_mode`, static shapes (a phase's round is always `train.batch_gpu` images). In place means
   parameters, state dicts, checkpoints, optimizers, the EMA and exports see the same modules as without it.
   G_ema (sample grids, evaluation, export) is never compiled.
@@ -14,7 +15,8 @@ Contract:
   double backward. Every other phase runs the compiled graphs.
 - Graphs: one per module and calling context (grad on or off, which parameters train, the input's memory order):
   StyleGAN2's D compiles three (under the G phase, on fakes and on reals in the D phase). The first steps pay
-  for compiling them; `ganpipe bench train` reports that apart from the steady-state speed.
+  for compiling them; `ganpipe bench train` reports that apart from the steady-state speed. A context that first
+  appears later compiles then (D's inputs change memory order when ADA's p leaves 0).
 - Random numbers drawn inside a compiled graph (StyleGAN's noise inputs) come from Inductor's generator, seeded from
   torch's on every call: a compiled run is as reproducible and as exactly resumable as an eager one, but its noise
   differs from the eager run's.
@@ -26,23 +28,19 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.objectives.base import Networks, Objective, Phase
 
 
-def prepare_networks(train: TrainConfig, objective: Objective, nets: Networks) -> list[nn.Module]:
-    """Apply `train.channels_last` and `train.compile` to the trained networks; returns the compiled modules."""
+def prepare_networks(train: TrainConfig, objective: Objective, nets: Networks) -> None:
+    """Apply `train.channels_last` and `train.compile` to the trained networks."""
     if train.channels_last:
         for module in (nets.G, nets.D, *nets.extra.values()):
             module.to(memory_format=torch.channels_last)
-    if not train.compile:
-        return []
-    units = objective.compile_units(nets)
-    for module in units:
-        module.compile(mode=train.compile_mode, dynamic=False)
-    return units
+    if train.compile:
+        for module in objective.compile_units(nets):
+            module.compile(mode=train.compile_mode, dynamic=False)
 
 
 @contextlib.contextmanager

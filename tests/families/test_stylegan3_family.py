@@ -125,7 +125,7 @@ def test_d_sees_blurred_fakes_and_reals_and_r1_differentiates_the_unblurred_real
     assert not torch.allclose(D.seen[1], real, atol=1e-2)
 
     # R1 = |d D(blur(x)) / dx|^2 on the unblurred reals; D is linear, so the gradient is blur^T of a constant.
-    loss, stats = obj.phase_loss(Phase("Dreg", "D", 16), Networks(G, D), inputs)
+    loss, stats = obj.phase_loss(Phase("Dreg", "D", 16, double_backward=True), Networks(G, D), inputs)
     x = real.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad((gaussian_blur(x, sigma).mean(dim=(1, 2, 3)) * D.scale).sum(), x)
     penalty = grad.square().sum(dim=(1, 2, 3)).mean()
@@ -312,7 +312,7 @@ def test_only_the_d_steps_generator_pass_updates_the_magnitude_emas() -> None:
         return [layer.magnitude_ema.clone() for layer in G.synthesis.layers()]
 
     before = emas()
-    for phase in (Phase("Gmain", "G"), Phase("Dreg", "D", 16)):
+    for phase in (Phase("Gmain", "G"), Phase("Dreg", "D", 16, double_backward=True)):
         objective.phase_loss(phase, Networks(G, D), inputs)
         assert all(torch.equal(a, b) for a, b in zip(emas(), before, strict=True)), phase.name
     objective.phase_loss(Phase("Dmain", "D"), Networks(G, D), inputs)

@@ -176,7 +176,7 @@ def test_regularization_passes_ignore_fp16_layers() -> None:
     D32.load_state_dict(D16.state_dict())
     obj = StyleGAN2Objective(StyleGAN2LossConfig(), batch_size=4)
     inputs = PhaseInputs(torch.rand(4, 3, RES, RES) * 2 - 1, None, torch.randn(4, 16), None)
-    for phase in (Phase("Dreg", "D", 16), Phase("Greg", "G", 4)):
+    for phase in (Phase("Dreg", "D", 16, double_backward=True), Phase("Greg", "G", 4, double_backward=True)):
         pl_mean = obj.path_length.pl_mean.clone()
         l16, _, g16 = _phase_grads(obj, phase, G16, D16, inputs, seed=1)
         obj.path_length.pl_mean.copy_(pl_mean)

@@ -63,7 +63,7 @@ def test_networks_trace_without_graph_breaks(recipe: str, monkeypatch) -> None:
         assert any("ganpipe" in op for op in ops), (name, "traced no fused op", sorted(ops)[:20])
 
 
-def test_compiled_training_matches_eager(make_config, monkeypatch, one_torch_thread) -> None:
+def test_compiled_training_matches_eager(make_config, one_torch_thread) -> None:
     """Six steps with every phase due every second step (path length, R1): the logged losses of a compiled run equal
     the eager run's. Inductor draws StyleGAN's noise from its own generator unless `fallback_random` is set, so
     the test sets it (training need not; without it the noise differs and the losses here differ by up to 150%).
@@ -71,14 +71,15 @@ def test_compiled_training_matches_eager(make_config, monkeypatch, one_torch_thr
     that into the weights; measured at most 6.9e-7 relative."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     common = ("train.total_kimg=0.048", "loss.pl_weight=2", "loss.g_reg_interval=2", "loss.d_reg_interval=2",
               "loss.style_mixing_prob=0.5", "logger.csv=true", "train.log_every_kimg=0.008")  # fmt: skip
     eager = make_config(*common)
     compiled = make_config(*common, "train.compile=true", f"run_dir={eager.run_dir}-compiled")
     torch._dynamo.reset()
-    train(eager)
-    result = train(compiled)
+    # Inductor's config patch, not monkeypatch: undoing a monkeypatch there deletes the option for later tests.
+    with inductor_config.patch(fallback_random=True):
+        train(eager)
+        result = train(compiled)
     rows_e, rows_c = _rows(eager.run_dir), _rows(compiled.run_dir)
     assert len(rows_e) == len(rows_c) == 6
     compared = 0
@@ -97,8 +98,8 @@ def test_compiled_training_matches_eager(make_config, monkeypatch, one_torch_thr
 
 def test_regularization_phases_run_eagerly(make_config) -> None:
     """Under `train.compile` the compiled units are G's mapping and synthesis and D, never G_ema. A phase that
-    differentiates a gradient (R1, path length) calls them eagerly, so it gets the eager task's gradients (a
-    compiled graph has no double backward: without the eager context this raises)."""
+    differentiates a gradient (R1, path length) calls them eagerly, so it gets the eager task's gradients; without
+    the eager context the compiled graphs cannot give R1's gradient at all."""
     compiled = GANTask(make_config("train.compile=true", "loss.pl_weight=2"))
     eager = GANTask(make_config("loss.pl_weight=2"))
     eager.load_state_dict(compiled.state_dict())
@@ -120,6 +121,10 @@ def test_regularization_phases_run_eagerly(make_config) -> None:
         grads.append([p.grad for p in task.D.parameters()])
     for a, b in zip(*grads, strict=True):
         assert a is not None and torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="double backward"):
+        loss, _ = compiled.objective.phase_loss(phases["Dreg"], compiled.networks(), inputs)
+        loss.backward()
 
 
 def test_channels_last_keeps_results_and_state_dicts(make_config) -> None:
@@ -135,14 +140,15 @@ def test_channels_last_keeps_results_and_state_dicts(make_config) -> None:
 
 
 def test_compile_units_default_to_every_trained_network() -> None:
+    """An objective that does not name its compile units gets G, D and the family's further trained networks."""
     from pipeline.objectives.base import Objective
 
     class Plain(Objective):
         def phases(self) -> list[Phase]:
             return []
 
-        def phase_loss(self, phase, nets, inputs):  # pragma: no cover - never called
-            raise AssertionError
+        def phase_loss(self, phase: Phase, nets: Networks, inputs: PhaseInputs) -> tuple[torch.Tensor, dict]:
+            raise AssertionError("never called")
 
     G, D, Q = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1), torch.nn.Linear(2, 1)
     assert Plain().compile_units(Networks(G, D, {"Q": Q})) == [G, D, Q]
