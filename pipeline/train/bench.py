@@ -309,13 +309,13 @@ def _bare_steps(
                 opts = [optimizers[name] for name in phase.nets]
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
-                for start in range(0, n, chunk):
-                    sl = slice(start, start + chunk)
-                    inputs = PhaseInputs(
-                        real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), task.augment,
-                        cur_nimg=task.cur_nimg, step=step,
-                    )  # fmt: skip
-                    with phase_context(phase):
+                with phase_context(phase):
+                    for start in range(0, n, chunk):
+                        sl = slice(start, start + chunk)
+                        inputs = PhaseInputs(
+                            real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), task.augment,
+                            cur_nimg=task.cur_nimg, step=step,
+                        )  # fmt: skip
                         loss, _ = objective.phase_loss(phase, nets, inputs)
                         (loss * (chunk / n) if chunk < n else loss).backward()
                 timer.end(phase.name)
@@ -554,7 +554,8 @@ def _run(
             f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
     else:
         result.compare_skipped = skip_line(cfg.family, request)
-    sides = ["engine", "bare"] + (["eager"] if cfg.train.compile else []) + (["reference"] if reference else [])
+    sides = ["engine", "bare"] + (["eager"] if cfg.train.compile else [])
+    sides += ["reference"] if reference is not None else []
 
     def run_side(side: str, first: int, steps: int, timed: bool) -> None:
         if side == "engine":
@@ -793,31 +794,28 @@ def format_report(result: BenchResult) -> str:
     elif res.compare_skipped is not None:
         lines += [res.compare_skipped, ""]
     ref_column = info is not None and info.has_phases
-    ref_head = f" {info.name} |" if ref_column and info is not None else ""
-    eager_head = " bare loop, eager |" if res.eager else ""
+    # Further sides with a per-part column after the engine / bare columns: (header, side).
+    columns = [("bare loop, eager", "eager")] if res.eager else []
+    if ref_column and info is not None:
+        columns.append((info.name, "reference"))
+    column_rows = {side: dict(res.breakdown(side)) for _, side in columns}
     lines += [
-        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |{eager_head}"
-        f"{ref_head}",
-        "| --- | ---: | ---: | ---: | ---: |" + (" ---: |" if res.eager else "") + (" ---: |" if ref_column else ""),
+        f"| part (ms per step, mean of {n_total} steps) | runs | engine | bare loop | engine − bare |"
+        + "".join(f" {head} |" for head, _ in columns),
+        "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(columns),
     ]
     engine_runs = res.runs("engine")
     bare_rows = dict(res.breakdown("bare"))
-    eager_rows = dict(res.breakdown("eager")) if res.eager else {}
-    ref_rows = dict(res.breakdown("reference")) if ref_column else {}
     for name, e_ms in res.breakdown("engine"):
         b_ms = bare_rows[name]
         label = ROW_LABELS.get(name, name)
         runs = str(engine_runs.get(name, 0)) if name not in ("body_rest", "loop_rest") else ""
         diff = _signed(e_ms - b_ms) if e_ms is not None and b_ms is not None else ""
-        eager_cell = f" {_ms(eager_rows[name])} |" if res.eager else ""
-        ref_cell = f" {_ms(ref_rows[name])} |" if ref_column else ""
-        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |{eager_cell}{ref_cell}")
-    eager_step = f" **{_ms(1000 * res.step_s('eager'))}** |" if res.eager else ""
-    ref_step = f" **{_ms(1000 * res.step_s('reference'))}** |" if ref_column else ""
+        cells = "".join(f" {_ms(column_rows[side][name])} |" for _, side in columns)
+        lines.append(f"| {label} | {runs} | {_ms(e_ms)} | {_ms(b_ms)} | {diff} |{cells}")
     lines.append(
         f"| **step** | {n_total} | **{_ms(1000 * e_s)}** | **{_ms(1000 * b_s)}** | {_signed(1000 * (e_s - b_s))} |"
-        + eager_step
-        + ref_step
+        + "".join(f" **{_ms(1000 * res.step_s(side))}** |" for _, side in columns)
     )
     lines += [
         "",

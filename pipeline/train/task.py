@@ -252,18 +252,18 @@ class GANTask(L.LightningModule):
                 opt.zero_grad(set_to_none=True)
             # Gradient accumulation over rounds of `batch_gpu` images: each round's mean loss is weighted by its
             # share of the rank's batch, so the summed gradient is that of the whole batch's mean loss.
-            for start in range(0, n, chunk):
-                sl = slice(start, start + chunk)
-                inputs = PhaseInputs(
-                    real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), self.augment,
-                    cur_nimg=self.cur_nimg, step=self.step_idx,
-                )  # fmt: skip
-                with phase_context(phase):
+            with phase_context(phase):
+                for start in range(0, n, chunk):
+                    sl = slice(start, start + chunk)
+                    inputs = PhaseInputs(
+                        real_img[sl], index_c(real_c, sl), gen_z[sl], index_c(gen_c, sl), self.augment,
+                        cur_nimg=self.cur_nimg, step=self.step_idx,
+                    )  # fmt: skip
                     loss, phase_stats = self.objective.phase_loss(phase, self.networks(), inputs)
                     self.sync.backward(self, loss * (chunk / n) if chunk < n else loss)
-                for name, value in phase_stats.items():
-                    weighted = value.detach() * (chunk / n)
-                    stats[name] = stats[name] + weighted if name in stats and start > 0 else weighted
+                    for name, value in phase_stats.items():
+                        weighted = value.detach() * (chunk / n)
+                        stats[name] = stats[name] + weighted if name in stats and start > 0 else weighted
             self.sync.step(self, phase.nets, opts)
             g_stepped = g_stepped or "G" in phase.nets
         self._train_only(tuple(self.net_names))
